@@ -1,0 +1,29 @@
+# `make demo`: set up .venv and train the offline demo. `make test`: set up and run the tests.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.peftkit-installed
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+# torch goes in first, pinned: an unpinned `torch` requirement on a machine without it
+# would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/peftkit train demo --overwrite
+
+# pytest exits 5 when it collected no tests: that is a broken suite, not a pass.
+test: $(STAMP)
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,44 @@
+"""Next-token loss that spends no compute on positions without a label.
+
+Prompt tokens (and padding) need hidden states, but not logits: the LM head, the largest
+single matmul of a small model and a vocab-sized fp32 tensor per position, runs only where a
+label exists. The module wraps the PeftModel so that `accelerate.prepare` (DDP) sees one
+forward that produces the loss, and gradient sync hooks fire as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.batching import IGNORE
+
+# Architectures whose logits are exactly lm_head(final hidden state), optionally soft-capped.
+# Others (e.g. with logit scaling) take the full forward; tests pin the equality for each.
+HEAD_ONLY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3")
+
+
+class TokenLoss(nn.Module):
+    """forward(batch) -> (summed cross-entropy over labelled positions, number of them)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model  # the PeftModel
+
+    def forward(self, input_ids, attention_mask, labels):
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        base = self.model.get_base_model()
+        if base.config.model_type in HEAD_ONLY_ARCHS:
+            hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
+            logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+            cap = getattr(base.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache=False).logits[:, :-1][keep]
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, keep.sum()

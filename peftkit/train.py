@@ -1,0 +1,234 @@
+"""The training loop, top to bottom: setup -> steps -> eval -> save.
+
+Runs the same under `peftkit train` and `accelerate launch -m peftkit train` (1..N processes):
+accelerate owns devices, mixed precision and DDP; peft owns the adapter layers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from peftkit import checkpoint, data, rundir
+from peftkit.batching import BatchStream, Position, collate, loss_tokens, useful_tokens
+from peftkit.config import Recipe
+from peftkit.errors import UserError
+from peftkit.evaluation import eval_loss, exact_match
+from peftkit.loss import TokenLoss
+from peftkit.modeling import (attach_adapter, base_path, count_parameters, load_model,
+                              load_tokenizer, resolve_precision)
+from peftkit.progress import TrainProgress
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients became non-finite (exit 1: not the user's input)."""
+
+
+@dataclass
+class RunResult:
+    path: Path
+    steps: int
+    trainable: int
+    total: int
+    train_loss: float = float("nan")
+    tokens_per_s: float = 0.0
+    evals: dict = field(default_factory=dict)      # "before"/"after" -> {metric: value}
+    data: dict = field(default_factory=dict)
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(recipe.model, recipe.launch, device_type)
+    # Under `accelerate launch` with an explicit --mixed_precision, the user's choice wins.
+    from_launcher = recipe.launch.mixed_precision == "auto" and \
+        os.environ.get("ACCELERATE_MIXED_PRECISION")
+    accelerator = Accelerator(mixed_precision=None if from_launcher else
+                              precision.mixed_precision)
+    return accelerator, precision
+
+
+def total_steps(recipe: Recipe, stream: BatchStream) -> int:
+    if recipe.train.max_steps:
+        return recipe.train.max_steps
+    return max(1, math.floor(recipe.train.epochs * stream.per_epoch / recipe.train.grad_accum))
+
+
+def evaluate_all(acc, loss_module, peft_model, tokenizer, eval_ex, prompts, recipe) -> dict:
+    t = recipe.train
+    out = {}
+    if eval_ex:
+        out["eval_loss"] = eval_loss(acc, loss_module, eval_ex, t.batch_size, tokenizer.pad_token_id)
+    if t.eval_generate and prompts:
+        score, rows = exact_match(acc, peft_model, tokenizer, prompts[:t.eval_generate],
+                                  t.max_new_tokens)
+        out["exact_match"], out["samples"] = score, rows[:3]
+    return out
+
+
+def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
+          resume: bool | str = False, console=None) -> RunResult:
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    t = recipe.train
+    acc, precision = make_accelerator(recipe)
+    main = acc.is_main_process
+    path = rundir.run_dir(recipe)
+
+    # --- setup: check everything cheap before loading any weights --------------------------
+    resume_from = _resume_target(path, resume) if resume else None
+    if not resume:
+        rundir.check_target(path, overwrite)
+    acc.wait_for_everyone()
+    if main:
+        rundir.prepare(path, overwrite=overwrite, resume=bool(resume))
+    set_seed(t.seed)
+    base = base_path(recipe.model)
+    tokenizer, tokenizer_changed = load_tokenizer(base, recipe.model)
+    train_ex, eval_ex, prompts, stats = data.build(recipe.data, tokenizer, t.seed)
+    try:
+        stream = BatchStream(train_ex, t.batch_size, t.seed, acc.process_index,
+                             acc.num_processes)
+    except ValueError:
+        raise UserError(f"data.train: {len(train_ex)} usable rows, fewer than one batch "
+                        f"(train.batch_size={t.batch_size} x {acc.num_processes} processes); "
+                        "add data or lower train.batch_size") from None
+    steps = total_steps(recipe, stream)
+
+    model = load_model(base, recipe.model, precision.dtype)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = attach_adapter(model, recipe.adapter)
+    trainable, total = count_parameters(peft_model)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    # The schedule counts optimizer steps; it is stepped by hand (not `prepare`d), since
+    # accelerate's wrapper would step it once per process.
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                              num_training_steps=steps)
+    loss_module, optimizer = acc.prepare(TokenLoss(peft_model), optimizer)
+
+    start = 0
+    log = rundir.MetricsLog(path, enabled=main)
+    if resume_from is not None:
+        start, stream.position = checkpoint.load(resume_from, peft_model, optimizer.optimizer,
+                                                 scheduler, acc)
+        log.truncate_after(start)
+    elif main:
+        rundir.write_recipe(path, recipe, source, base)
+        log.write(step=0, event="data", **stats.to_dict())
+
+    show = TrainProgress(steps, start, enabled=main, log_every=t.log_every, console=console)
+    for note in precision.notes:
+        show.note(f"[yellow]note:[/] {note}")
+    show.note(f"[bold]{recipe.name}[/]: {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.2f}%), {len(train_ex):,} train / {len(eval_ex):,} "
+              f"eval samples, {steps} steps on {acc.num_processes} x {acc.device.type}")
+    result = RunResult(path=path, steps=steps, trainable=trainable, total=total,
+                       data=stats.to_dict())
+    if start == 0:
+        result.evals["before"] = evaluate_all(acc, loss_module, peft_model, tokenizer, eval_ex,
+                                              prompts, recipe)
+        log.write(step=0, event="eval", **_scalars(result.evals["before"]))
+
+    # --- steps ------------------------------------------------------------------------------
+    world = acc.num_processes
+    tokens_seen, train_time = 0, 0.0
+    for step in range(start + 1, steps + 1):
+        began = time.perf_counter()
+        window = [stream.next() for _ in range(t.grad_accum)]
+        counts = torch.tensor([sum(loss_tokens(b) for b in window),
+                               sum(useful_tokens(b) for b in window)], device=acc.device)
+        n_loss, n_useful = acc.reduce(counts, reduction="sum").tolist()
+        loss_total = torch.zeros((), device=acc.device)
+        for i, micro in enumerate(window):
+            batch = {k: v.to(acc.device) for k, v in collate(micro, tokenizer.pad_token_id).items()}
+            # Sync gradients across processes only on the window's last micro-batch.
+            sync = i == len(window) - 1
+            with nullcontext() if sync else acc.no_sync(loss_module):
+                loss_sum, _ = loss_module(**batch)
+                # The step's loss is the mean over every labelled token of the global batch:
+                # gradients are summed over the window and averaged over processes (hence
+                # x world), so each micro-batch contributes its summed loss / global count.
+                acc.backward(loss_sum * world / max(n_loss, 1))
+            loss_total += loss_sum.detach()
+        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
+        loss = acc.reduce(loss_total, reduction="sum").item() / max(n_loss, 1)
+        if not math.isfinite(loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+            show.close()
+            raise TrainingDiverged(_diverged_message(step, path))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        train_time += time.perf_counter() - began
+        tokens_seen += int(n_useful)
+        tps = tokens_seen / train_time
+        show.update(step, loss, tps, scheduler.get_last_lr()[0])
+        result.train_loss, result.tokens_per_s = loss, tps
+        if step % t.log_every == 0 or step == steps:
+            log.write(step=step, loss=loss, lr=scheduler.get_last_lr()[0],
+                      grad_norm=None if grad_norm is None else float(grad_norm),
+                      tokens=int(n_useful), tokens_per_s=tps, epoch=stream.position.epoch)
+        if t.eval_every and step % t.eval_every == 0 and step != steps:
+            log.write(step=step, event="eval", eval_loss=eval_loss(
+                acc, loss_module, eval_ex, t.batch_size, tokenizer.pad_token_id)) \
+                if eval_ex else None
+        if (t.save_every and step % t.save_every == 0) or step == steps:
+            checkpoint.save(path / "checkpoints", step, stream.position, peft_model,
+                            optimizer.optimizer, scheduler, acc, t.keep_checkpoints)
+    show.close()
+
+    # --- eval and save ----------------------------------------------------------------------
+    result.evals["after"] = evaluate_all(acc, loss_module, peft_model, tokenizer, eval_ex,
+                                         prompts, recipe)
+    log.write(step=steps, event="eval", **_scalars(result.evals["after"]))
+    if main:
+        _save_outputs(path, recipe, peft_model, tokenizer, tokenizer_changed, result)
+    acc.wait_for_everyone()
+    return result
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _resume_target(path: Path, resume: bool | str) -> Path:
+    if isinstance(resume, str):
+        return Path(resume)
+    found = checkpoint.step_dirs(path / "checkpoints")
+    if not found:
+        raise UserError(f"--resume: no complete checkpoint under {path / 'checkpoints'}; "
+                        "train without --resume first")
+    return found[-1]
+
+
+def _diverged_message(step: int, path: Path) -> str:
+    found = checkpoint.step_dirs(path / "checkpoints")
+    last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+    return (f"loss or gradients became non-finite at step {step}; {last}. Lower train.lr or "
+            "check the data; no final adapter was written")
+
+
+def _save_outputs(path: Path, recipe: Recipe, peft_model, tokenizer, tokenizer_changed: bool,
+                  result: RunResult) -> None:
+    from peftkit import card, plot
+
+    peft_model.save_pretrained(path / "adapter")
+    if tokenizer_changed:
+        tokenizer.save_pretrained(path / "tokenizer")
+    metrics = rundir.read_metrics(path)
+    plot.loss_curve(metrics, path / "loss.png", title=recipe.name)
+    (path / "README.md").write_text(card.model_card(recipe, result, metrics))
+    rundir.write_json(path / "result.json", {
+        "steps": result.steps, "trainable": result.trainable, "total": result.total,
+        "train_loss": result.train_loss, "tokens_per_s": result.tokens_per_s,
+        "data": result.data, "evals": {k: _scalars(v) for k, v in result.evals.items()}})

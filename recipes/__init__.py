@@ -1,0 +1,1 @@
+"""Recipes shipped with peftkit: one module per named recipe (see `peftkit ls`)."""

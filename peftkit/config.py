@@ -40,8 +40,9 @@ class Model:
                             "GPU, float32 otherwise", DTYPES)
     quantize: str | None = _f(None, "load the base quantized with bitsandbytes",
                               (None, "nf4", "fp4", "int8"))
-    attn_implementation: str = _f("sdpa", "attention kernel passed to transformers",
-                                  ("sdpa", "eager", "flash_attention_2"))
+    attn_implementation: str = _f("auto", "attention kernel; auto = transformers' default for "
+                                          "the architecture (sdpa where supported)",
+                                  ("auto", "sdpa", "eager", "flash_attention_2"))
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model")
     trust_remote_code: bool = _f(False, "run modelling code shipped with the Hub repo; off "
                                         "unless you trust its author")

@@ -90,12 +90,18 @@ def load_tokenizer(path: str, model: Model):
 def load_model(path: str, model: Model, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    attn = None if model.attn_implementation == "auto" else model.attn_implementation
     try:
         base = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=model.attn_implementation,
+            path, dtype=dtype, attn_implementation=attn,
             revision=model.revision, trust_remote_code=model.trust_remote_code)
     except OSError as exc:
         raise _offline_error("model", path, exc) from exc
+    except ValueError as exc:
+        if "attention implementation" not in str(exc):
+            raise
+        raise UserError(f"model.attn_implementation={attn}: not supported by this "
+                        "architecture; use auto or eager") from exc
     # Training never uses a KV cache; with one, packed samples would attend to each other.
     base.config.use_cache = False
     return base

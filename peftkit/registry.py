@@ -88,7 +88,7 @@ def shipped() -> dict[str, Entry]:
 
 
 def shipped_names() -> list[str]:
-    return sorted(name_of(p) for p in recipes_dir().glob("*.py") if not p.name.startswith("_"))
+    return sorted(shipped())
 
 
 def resolve(name_or_path: str) -> Entry:

@@ -40,6 +40,7 @@ class RunResult:
     tokens_per_s: float = 0.0
     evals: dict = field(default_factory=dict)      # "before"/"after" -> {metric: value}
     data: dict = field(default_factory=dict)
+    model: object = field(default=None, repr=False)  # the trained PeftModel, for callers
 
 
 def make_accelerator(recipe: Recipe):
@@ -194,6 +195,7 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     if main:
         _save_outputs(path, recipe, peft_model, tokenizer, tokenizer_changed, result)
     acc.wait_for_everyone()
+    result.model = peft_model
     return result
 
 

@@ -1,11 +1,14 @@
 """Shared test fixtures. Tests run offline: the Hugging Face Hub is never contacted."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Set before anything imports huggingface_hub / datasets, which read these at import time:
-# offline mode (a Hub lookup fails at once instead of hanging) and throwaway caches.
+# offline mode (a Hub lookup fails at once instead of retrying for ~25 s) and throwaway caches.
 _HF_HOME = tempfile.mkdtemp(prefix="peftkit-test-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = _HF_HOME
@@ -59,3 +62,20 @@ def make_bpe_tokenizer():
                                         chat_template=CHAT_TEMPLATE)
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory):
+    """The demo task as alpaca rows: stands in for Hub datasets the real recipes name."""
+    import json
+
+    from peftkit.data import resolve_source
+
+    path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
+    rows = []
+    with open(resolve_source("peftkit:data/sort_reverse/train.jsonl")) as f:
+        for line in list(f)[:600]:
+            user, answer = json.loads(line)["messages"]
+            rows.append({"instruction": user["content"], "input": "", "output": answer["content"]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

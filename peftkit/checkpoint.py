@@ -59,19 +59,23 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(root: Path, step: int, position: Position, peft_model, optimizer, scheduler,
-         accelerator, keep: int) -> Path:
+         accelerator, keep: int, state_dict: dict | None = None) -> Path:
     """Write checkpoint `step` under `root` (all processes call this; each writes its RNG)."""
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     main = accelerator.is_main_process
+    sharded = state_dict is not None
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    if sharded:  # FSDP: each process holds (and writes) its own shard of the optimizer state
+        torch.save(optimizer.state_dict(), tmp / f"optimizer-rank{accelerator.process_index}.pt")
     if main:
-        peft_model.save_pretrained(tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        peft_model.save_pretrained(tmp / "adapter", state_dict=state_dict)
+        if not sharded:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": step, "epoch": position.epoch, "index": position.index,
@@ -123,7 +127,10 @@ def load(path: Path, peft_model, optimizer, scheduler, accelerator) -> tuple[int
                         f"{accelerator.num_processes}; resume with the same number")
     weights = load_file(path / "adapter" / "adapter_model.safetensors")
     set_peft_model_state_dict(peft_model, weights)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optim_file = path / "optimizer.pt"
+    if not optim_file.is_file():  # written sharded, one file per process (FSDP)
+        optim_file = path / f"optimizer-rank{accelerator.process_index}.pt"
+    optimizer.load_state_dict(torch.load(optim_file, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / f"rng-rank{accelerator.process_index}.pt",
                              weights_only=True))

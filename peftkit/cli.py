@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import traceback
@@ -27,6 +28,7 @@ EXAMPLES = {
     "train": "examples:\n  peftkit train demo\n  peftkit train demo train.max_steps=50 "
              "adapter.r=8\n  peftkit train qwen2.5-7b-lora model.tiny=true "
              "data.train=my.jsonl\n  peftkit train demo --resume\n"
+             "  peftkit train demo --nproc 2            # 2 processes via accelerate launch\n"
              "  accelerate launch -m peftkit train demo",
 }
 
@@ -119,16 +121,38 @@ def cmd_cp(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from peftkit.train import train
+    from peftkit import launcher, rundir
 
     entry, recipe = _resolve(args)
-    if recipe.launch.num_processes > 1 and "LOCAL_RANK" not in __import__("os").environ:
-        raise UserError(f"launch.num_processes={recipe.launch.num_processes}: start it with "
-                        "`accelerate launch --num_processes N -m peftkit train ...`")
+    if args.nproc < 0 or args.num_machines < 1:
+        raise UserError("--nproc and --num_machines must be positive")
+    nproc = args.nproc or recipe.launch.num_processes
+    if nproc * args.num_machines > 1 and not launcher.in_distributed_worker():
+        if not args.resume:  # fail now, not in N workers after 10 s of imports each
+            rundir.check_target(rundir.run_dir(recipe), args.overwrite)
+        import torch
+
+        topology = launcher.Topology(nproc, args.num_machines, args.machine_rank,
+                                     args.main_process_ip, args.main_process_port,
+                                     args.accelerate_config)
+        return launcher.run(topology, _worker_args(args), cuda=torch.cuda.is_available())
+
+    from peftkit.train import train
+
     result = train(recipe, str(entry.path), overwrite=args.overwrite, resume=args.resume)
     if result.path.exists():
         _print_summary(result)
     return 0
+
+
+def _worker_args(args) -> list[str]:
+    """The `peftkit train` arguments each worker gets (launch flags stripped)."""
+    argv = [args.recipe, *args.overrides]
+    if args.overwrite:
+        argv.append("--overwrite")
+    if args.resume:
+        argv += ["--resume"] + ([args.resume] if isinstance(args.resume, str) else [])
+    return argv
 
 
 def _print_summary(result) -> None:
@@ -185,13 +209,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing run directory of the same name")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the newest complete checkpoint (or the one given)")
+    launch = p.add_argument_group(
+        "multi-process", "start N workers through `accelerate launch` (the command is printed); "
+        "inside `accelerate launch`/torchrun these are ignored")
+    launch.add_argument("--nproc", type=int, default=0, metavar="N",
+                        help="processes per machine (default: the recipe's launch.num_processes)")
+    launch.add_argument("--num_machines", type=int, default=1, metavar="M")
+    launch.add_argument("--machine_rank", type=int, default=0, metavar="R")
+    launch.add_argument("--main_process_ip", default=None, metavar="IP")
+    launch.add_argument("--main_process_port", type=int, default=None, metavar="PORT")
+    launch.add_argument("--accelerate-config", dest="accelerate_config", default=None,
+                        metavar="FILE", help="an accelerate config file (accelerate config)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peftkit.launcher import report_status
+
+    code = _main(argv)
+    report_status(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # Overrides may follow options (`train demo --nproc 2 train.lr=1e-4`), which plain
+        # argparse will not collect into the positional list.
+        stray = [a for a in extra if a.startswith("-") or "=" not in a
+                 or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
     except SystemExit as exc:  # argparse: 2 on bad arguments, 0 on --help
         return int(exc.code or 0)
     if not getattr(args, "command", None):
@@ -203,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # workers all fail alike: say it once
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -109,7 +109,11 @@ class Train:
 
 @dataclass(frozen=True)
 class Launch:
-    num_processes: int = _f(1, "processes (one per GPU) started by `peftkit train`")
+    num_processes: int = _f(1, "processes per machine (one per GPU) started by `peftkit train`; "
+                               "--nproc overrides it")
+    strategy: str = _f("ddp", "how processes share the work: ddp replicates the model; fsdp "
+                              "(FSDP2, CUDA only) shards it, wrapping each decoder layer",
+                       ("ddp", "fsdp"))
     mixed_precision: str = _f("auto", "autocast precision; auto = bf16 on a bf16-capable GPU, "
                                       "no on CPU", ("auto", "no", "bf16", "fp16"))
     hardware: str = _f("any", "what the recipe is sized for, shown in `peftkit ls`")

@@ -25,6 +25,8 @@ class TokenLoss(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model  # the PeftModel
+        # FSDP's transformer-based auto-wrap looks for the decoder layer classes here.
+        self._no_split_modules = getattr(model.get_base_model(), "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, labels):
         targets = labels[:, 1:]

@@ -100,6 +100,8 @@ def build_tiny(name: str, arch: str, size: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     try:
         model.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file():  # transformers saves on global rank 0 only
+            raise RuntimeError("tiny models must be built by the main process first")
         tokenizer.save_pretrained(tmp)
         (tmp / "peftkit_tiny.json").write_text(json.dumps(
             {"stands_in_for": name, "arch": arch, "size": size, "seed": 0}, indent=2))

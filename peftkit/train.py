@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from peftkit import checkpoint, data, rundir
+from peftkit.distributed import fsdp_plugin, full_state_dict
 from peftkit.batching import BatchStream, Position, collate, loss_tokens, useful_tokens
 from peftkit.config import Recipe
 from peftkit.errors import UserError
@@ -48,11 +49,13 @@ def make_accelerator(recipe: Recipe):
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(recipe.model, recipe.launch, device_type)
-    # Under `accelerate launch` with an explicit --mixed_precision, the user's choice wins.
-    from_launcher = recipe.launch.mixed_precision == "auto" and \
-        os.environ.get("ACCELERATE_MIXED_PRECISION")
-    accelerator = Accelerator(mixed_precision=None if from_launcher else
-                              precision.mixed_precision)
+    # `accelerate launch` always exports a mixed precision ("no" by default); a recipe left on
+    # auto follows it only when the user asked for something explicitly.
+    launcher_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    follow_launcher = recipe.launch.mixed_precision == "auto" and launcher_choice != "no"
+    accelerator = Accelerator(
+        mixed_precision=None if follow_launcher else precision.mixed_precision,
+        fsdp_plugin=fsdp_plugin(recipe, device_type))
     return accelerator, precision
 
 
@@ -92,7 +95,9 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     if main:
         rundir.prepare(path, overwrite=overwrite, resume=bool(resume))
     set_seed(t.seed)
-    base = base_path(recipe.model)
+    # A tiny base is built once per machine; transformers writes weights on rank 0 only.
+    with acc.local_main_process_first():
+        base = base_path(recipe.model)
     tokenizer, tokenizer_changed = load_tokenizer(base, recipe.model)
     train_ex, eval_ex, prompts, stats = data.build(recipe.data, tokenizer, t.seed)
     try:
@@ -185,15 +190,18 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
                 if eval_ex else None
         if (t.save_every and step % t.save_every == 0) or step == steps:
             checkpoint.save(path / "checkpoints", step, stream.position, peft_model,
-                            optimizer.optimizer, scheduler, acc, t.keep_checkpoints)
+                            optimizer.optimizer, scheduler, acc, t.keep_checkpoints,
+                            full_state_dict(acc, loss_module))
     show.close()
 
     # --- eval and save ----------------------------------------------------------------------
     result.evals["after"] = evaluate_all(acc, loss_module, peft_model, tokenizer, eval_ex,
                                          prompts, recipe)
     log.write(step=steps, event="eval", **_scalars(result.evals["after"]))
+    state_dict = full_state_dict(acc, loss_module)
     if main:
-        _save_outputs(path, recipe, peft_model, tokenizer, tokenizer_changed, result)
+        _save_outputs(path, recipe, peft_model, tokenizer, tokenizer_changed, result,
+                      state_dict)
     acc.wait_for_everyone()
     result.model = peft_model
     return result
@@ -221,10 +229,10 @@ def _diverged_message(step: int, path: Path) -> str:
 
 
 def _save_outputs(path: Path, recipe: Recipe, peft_model, tokenizer, tokenizer_changed: bool,
-                  result: RunResult) -> None:
+                  result: RunResult, state_dict: dict | None) -> None:
     from peftkit import card, plot
 
-    peft_model.save_pretrained(path / "adapter")
+    peft_model.save_pretrained(path / "adapter", state_dict=state_dict)
     if tokenizer_changed:
         tokenizer.save_pretrained(path / "tokenizer")
     metrics = rundir.read_metrics(path)

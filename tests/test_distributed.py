@@ -1,0 +1,97 @@
+"""Two real gloo DDP processes on CPU, started the way users start them (`--nproc 2`).
+
+Each launch costs ~15-30 s (two workers importing torch/transformers), so there are two.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peftkit import registry
+from peftkit.config import apply_overrides
+from peftkit.train import train
+
+SETTINGS = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0",
+            "train.log_every=1", "train.warmup_steps=0", "adapter.dropout=0.0",
+            "train.max_steps=4", "train.save_every=2", "train.scheduler=linear"]
+
+
+def launch(out, *extra):
+    """`peftkit train demo --nproc 2` in a subprocess; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "peftkit", "train", "demo", "--nproc", "2", *SETTINGS,
+           "train.batch_size=4", f"train.output_dir={out}", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ)
+
+
+def metrics(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(path):
+    return {r["step"]: r["loss"] for r in metrics(path) if "loss" in r}
+
+
+def adapter(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    proc = launch(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accelerate launch" in proc.stderr and "--num_processes 2" in proc.stderr
+    return out / "demo", proc
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(ddp_run, tmp_path):
+    ddp_path, proc = ddp_run
+    assert "on 2 x cpu" in proc.stderr
+    entry = registry.resolve("demo")
+    single = train(apply_overrides(entry.recipe, [*SETTINGS, "train.batch_size=8",
+                                                   f"train.output_dir={tmp_path}"]))
+    ddp, one = step_losses(ddp_path), step_losses(single.path)
+    assert sorted(ddp) == [1, 2, 3, 4]  # each step logged once: one writer
+    assert [ddp[s] for s in sorted(ddp)] == pytest.approx([one[s] for s in sorted(one)],
+                                                          rel=1e-5)
+    a, b = adapter(ddp_path), adapter(single.path)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_ddp_run_directory_is_written_once_and_loads_in_plain_peft(ddp_run):
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path, _ = ddp_run
+    records = metrics(path)
+    assert sum(1 for r in records if r.get("event") == "data") == 1
+    ckpt = path / "checkpoints" / "step-4"
+    assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    cfg = PeftConfig.from_pretrained(path / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path), path / "adapter")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 50, 60, 70]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_two_process_resume_continues_the_trajectory(ddp_run, tmp_path):
+    path, _ = ddp_run
+    copy = tmp_path / "demo"
+    shutil.copytree(path, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-4")
+    proc = launch(tmp_path, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-6)
+    a, b = adapter(copy), adapter(path)
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)

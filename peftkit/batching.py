@@ -44,12 +44,15 @@ class BatchStream:
         self.per_epoch = len(examples) // (batch_size * world)
         if self.per_epoch == 0:
             raise ValueError("fewer training rows than one global micro-batch")
+        self._order_epoch = position.epoch
         self._order = epoch_order(len(examples), seed, position.epoch)
 
     def next(self) -> list[Example]:
         epoch, index = self.position.epoch, self.position.index
         if index >= self.per_epoch:
             epoch, index = epoch + 1, 0
+        if epoch != self._order_epoch:  # a new epoch, or `position` was set (resume)
+            self._order_epoch = epoch
             self._order = epoch_order(len(self.examples), self.seed, epoch)
         start = (index * self.world + self.rank) * self.batch_size
         rows = self._order[start:start + self.batch_size]

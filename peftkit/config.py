@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from peftkit.errors import ConfigError
+from peftkit.methods import adapter_problems
 
 
 def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
@@ -35,11 +37,20 @@ class Model:
     tiny: bool = _f(False, "build a tiny, random-weight model of the same architecture offline "
                            "instead of loading the named weights (tests, CI, dry runs)")
     tiny_size: str = _f("xs", "size of the tiny form: xs for tests (hidden 64, 2 layers), s for "
-                              "demos (hidden 256, 4 layers)", ("xs", "s"))
+                              "demos (hidden 256, 4 layers), m for benchmarks (hidden 512, 8 "
+                              "layers, 32k vocab)", ("xs", "s", "m"))
     dtype: str = _f("auto", "weight dtype of the frozen base; auto = bfloat16 on a bf16-capable "
                             "GPU, float32 otherwise", DTYPES)
     quantize: str | None = _f(None, "load the base quantized with bitsandbytes",
                               (None, "nf4", "fp4", "int8"))
+    double_quant: bool = _f(True, "4-bit only: quantize the quantization constants too "
+                                  "(QLoRA's double quantization, ~0.4 bit/param less)")
+    compute_dtype: str = _f("auto", "4-bit only: dtype the quantized layers compute in; auto = "
+                                    "bfloat16 on a bf16-capable GPU, float32 otherwise (CPU)",
+                            DTYPES)
+    quant_storage: str = _f("auto", "4-bit only: dtype the packed 4-bit weights are stored in; "
+                                    "auto = uint8; FSDP needs it equal to model.dtype",
+                            ("auto", "uint8", "bfloat16", "float16", "float32"))
     attn_implementation: str = _f("auto", "attention kernel; auto = transformers' default for "
                                           "the architecture (sdpa where supported)",
                                   ("auto", "sdpa", "eager", "flash_attention_2"))
@@ -60,9 +71,22 @@ class Lora:
                                   "the adapter (e.g. embed_tokens,lm_head)")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
-    init: str = _f("default", "initialisation of the LoRA weights",
-                   ("default", "gaussian", "pissa", "olora"))
+    init: str = _f("default", "initialisation of the LoRA weights: default (B = 0), gaussian, "
+                              "pissa (exact SVD), pissa_niter_N (randomised SVD, N iterations), "
+                              "olora, loftq (needs model.quantize=nf4 and a CUDA GPU)")
     bias: str = _f("none", "which biases to train", ("none", "all", "lora_only"))
+    method: str = _f("lora", "adapter method (peft): lora (with the settings above), ia3 "
+                             "(learned rescaling vectors on `targets`), prompt_tuning "
+                             "(num_virtual_tokens learned input embeddings)",
+                     ("lora", "ia3", "prompt_tuning"))
+    num_virtual_tokens: int = _f(20, "prompt_tuning: learned virtual tokens prepended to "
+                                     "every input")
+    loraplus_lr_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = train.lr x "
+                                       "this ratio (the paper suggests 16); 0 = off")
+    rank_pattern: str = _f("", "per-module ranks overriding r: comma-separated name=rank "
+                               "pairs, name a module name or regex (q_proj=8,v_proj=32)")
+    alpha_pattern: str = _f("", "per-module alphas overriding alpha, in the form of "
+                                "rank_pattern (q_proj=16,v_proj=64)")
 
 
 DATA_FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "text")
@@ -77,6 +101,10 @@ class Data:
     format: str = _f("auto", "record format; auto detects it from the first record's fields",
                      DATA_FORMATS)
     max_len: int = _f(1024, "maximum tokens per sample; longer samples are truncated and counted")
+    packing: bool = _f(True, "padding-free batches: each micro-batch's samples in one row, "
+                             "attention kept inside each sample (same samples and loss as "
+                             "padded batches, no compute on padding); padded batches where "
+                             "the attention kernel cannot isolate samples (eager, gemma2)")
     loss_on: str = _f("completion", "which tokens carry loss", ("completion", "all"))
     skip_bad_rows: bool = _f(False, "skip (and count) malformed rows instead of failing")
     max_samples: int = _f(0, "use at most this many training rows (0 = all)")
@@ -105,6 +133,9 @@ class Train:
                                "training, scored by exact match (0 = off)")
     max_new_tokens: int = _f(32, "token budget per answer for eval_generate")
     output_dir: str = _f("runs", "parent directory of run directories")
+    report_to: str = _f("none", "experiment tracker fed with the metrics.jsonl numbers, "
+                                "through accelerate (tensorboard writes to runs/<name>/tb/)",
+                        ("none", "tensorboard", "wandb", "mlflow"))
 
 
 @dataclass(frozen=True)
@@ -119,7 +150,33 @@ class Launch:
     hardware: str = _f("any", "what the recipe is sized for, shown in `peftkit ls`")
 
 
-SECTIONS = {"model": Model, "adapter": Lora, "data": Data, "train": Train, "launch": Launch}
+@dataclass(frozen=True)
+class Hub:
+    repo_id: str = _f("", "Hugging Face Hub repository (owner/name) that `peftkit push` and "
+                          "hub.push_at_end publish to")
+    private: bool = _f(False, "create the repository private (an existing repository keeps "
+                              "its visibility)")
+    revision: str = _f("", "branch to push to, created from main when missing; empty = main")
+    license: str = _f("", "license in the model card metadata (e.g. apache-2.0, llama3.1, "
+                          "other); empty = not stated")
+    push_at_end: bool = _f(False, "push the adapter and its model card when training ends "
+                                  "(main process); a failed push exits 1, the run stays as it is")
+
+
+SECTIONS = {"model": Model, "adapter": Lora, "data": Data, "train": Train, "launch": Launch,
+            "hub": Hub}
+
+# Settings that may change when a run resumes from a checkpoint: they decide how long it runs,
+# what is logged, evaluated and kept, where it is written and how memory is spent, but not
+# the steps already taken. Every other setting must match the checkpoint (peftkit/resume.py).
+RESUME_SAFE = frozenset({
+    "name", "train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
+    "train.save_every", "train.keep_checkpoints", "train.eval_generate", "train.max_new_tokens",
+    "train.output_dir", "train.gradient_checkpointing", "data.eval", "model.attn_implementation",
+    "data.packing",  # same samples and loss per step, packed or padded
+    "launch.num_processes", "launch.hardware", "train.report_to",
+    "hub.repo_id", "hub.private", "hub.revision", "hub.license", "hub.push_at_end",
+})
 
 
 @dataclass(frozen=True)
@@ -129,6 +186,7 @@ class Recipe:
     data: Data = field(default_factory=Data)
     train: Train = field(default_factory=Train)
     launch: Launch = field(default_factory=Launch)
+    hub: Hub = field(default_factory=Hub)
     name: str = ""
 
     def to_dict(self) -> dict:
@@ -238,8 +296,10 @@ def recipe_from_dict(data: dict) -> Recipe:
 # ---------------------------------------------------------------------------------------------
 # Validation: every problem at once, each naming its field.
 
-def _check_types(section: str, obj: Any) -> list[str]:
-    problems = []
+def _check_types(section: str, obj: Any) -> tuple[list[str], list[str]]:
+    """(type problems, choice problems) of one section. Range checks need correct types, so
+    type problems stop validation early; choice problems do not."""
+    problems, bad_choices = [], []
     for name, tp in _field_types(type(obj)).items():
         value = getattr(obj, name)
         allowed = tuple(a for a in typing.get_args(tp)) or (tp,)
@@ -254,29 +314,57 @@ def _check_types(section: str, obj: Any) -> list[str]:
             [f.name for f in dataclasses.fields(type(obj))].index(name)].metadata.get("choices")
         if choices and value not in choices:
             shown = ", ".join(str(c).lower() if c is None else str(c) for c in choices)
-            problems.append(f"{section}.{name}={value!r}: must be one of {shown}")
-    return problems
+            bad_choices.append(f"{section}.{name}={value!r}: must be one of {shown}")
+    return problems, bad_choices
 
 
 def _positive(problems: list[str], key: str, value: float, allow_zero: bool = False) -> None:
-    if isinstance(value, (int, float)) and (value < 0 or (value == 0 and not allow_zero)):
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+        problems.append(f"{key}={value!r}: must be a finite number")
+    elif isinstance(value, (int, float)) and (value < 0 or (value == 0 and not allow_zero)):
         need = ">= 0" if allow_zero else "> 0"
         problems.append(f"{key}={value!r}: must be {need}")
 
 
+def _quantization_problems(m: Model, a: Lora) -> list[str]:
+    """Settings that only mean something for (4-bit) quantization, and adapter inits that
+    rewrite base weights, which a quantized base cannot hold exactly."""
+    problems = []
+    four_bit = m.quantize in ("nf4", "fp4")
+    only = "only applies to 4-bit quantization (model.quantize=nf4 or fp4)"
+    if not four_bit and m.double_quant is False:
+        problems.append(f"model.double_quant=False: {only}")
+    if not four_bit and m.quant_storage != "auto":
+        problems.append(f"model.quant_storage={m.quant_storage!r}: {only}")
+    if not four_bit and m.compute_dtype != "auto":
+        problems.append(f"model.compute_dtype={m.compute_dtype!r}: {only} (8-bit layers compute "
+                        "in the activation dtype; an unquantized base uses model.dtype)")
+    if m.quantize and (a.init.startswith("pissa") or a.init == "olora"):
+        problems.append(f"adapter.init={a.init!r}: rewrites the base weights, which a "
+                        f"quantized base (model.quantize={m.quantize}) cannot hold exactly; use "
+                        "default or gaussian, or initialise on the unquantized base")
+    return problems
+
+
 def problems_of(recipe: Recipe) -> list[str]:
     problems: list[str] = []
+    choice_problems: list[str] = []
     for section in SECTIONS:
         obj = getattr(recipe, section)
         if not isinstance(obj, SECTIONS[section]):
             problems.append(f"{section}: expected a {SECTIONS[section].__name__}(...) section")
             continue
-        problems += _check_types(section, obj)
+        type_problems, bad_choices = _check_types(section, obj)
+        problems += type_problems
+        choice_problems += bad_choices
     if problems:
-        return problems
+        return problems + choice_problems
+    problems = choice_problems
     m, a, d, t, lch = recipe.model, recipe.adapter, recipe.data, recipe.train, recipe.launch
     if not m.name:
         problems.append("model.name: empty; name a Hub model id or a local path")
+    problems += _quantization_problems(m, a)
+    problems += adapter_problems(m, a)
     _positive(problems, "adapter.r", a.r)
     _positive(problems, "adapter.alpha", a.alpha)
     if not 0 <= a.dropout < 1:
@@ -298,11 +386,26 @@ def problems_of(recipe: Recipe) -> list[str]:
     _positive(problems, "train.keep_checkpoints", t.keep_checkpoints)
     _positive(problems, "train.max_new_tokens", t.max_new_tokens)
     _positive(problems, "launch.num_processes", lch.num_processes)
-    if t.max_steps and t.warmup_steps > t.max_steps:
+    if t.max_steps > 0 and t.warmup_steps > t.max_steps:
         problems.append(f"train.warmup_steps={t.warmup_steps}: longer than "
                         f"train.max_steps={t.max_steps}")
     if recipe.name and not all(c.isalnum() or c in "-_." for c in recipe.name):
         problems.append(f"name={recipe.name!r}: use letters, digits, '-', '_' or '.'")
+    problems += hub_problems(recipe.hub)
+    return problems
+
+
+def hub_problems(h: Hub) -> list[str]:
+    problems = []
+    if h.repo_id and (h.repo_id.count("/") != 1 or not all(
+            part and all(c.isalnum() or c in "-_." for c in part)
+            for part in h.repo_id.split("/"))):
+        problems.append(f"hub.repo_id={h.repo_id!r}: expected owner/name (letters, digits, "
+                        "'-', '_', '.')")
+    if h.push_at_end and not h.repo_id:
+        problems.append("hub.push_at_end=True: hub.repo_id is empty; set hub.repo_id=owner/name")
+    if h.revision and (h.revision != h.revision.strip() or " " in h.revision):
+        problems.append(f"hub.revision={h.revision!r}: a branch name has no spaces")
     return problems
 
 

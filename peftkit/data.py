@@ -538,3 +538,13 @@ def build(cfg: Data, tokenizer, seed: int
                         f"had no loss token within data.max_len={cfg.max_len}); check the "
                         f"data or raise data.max_len")
     return train, evals, prompts, stats
+
+
+def build_eval(cfg: Data, tokenizer, source: str) -> tuple[list[Example], list[Prompt]]:
+    """Examples and prompts of every row of one source, rendered as `build` renders eval
+    rows (for `peftkit eval --data FILE`)."""
+    rows, _ = load_records(source, cfg.skip_bad_rows)
+    fmt = _format_of(rows, cfg)
+    _check_tokenizer(tokenizer, fmt)
+    examples, prompts, _ = _encode_rows(rows, fmt, tokenizer, cfg, want_prompts=True)
+    return examples, prompts

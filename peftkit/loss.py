@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.batching import IGNORE
+from peftkit.head_loss import head_loss
 
 # Architectures whose logits are exactly lm_head(final hidden state), optionally soft-capped.
 # Others (e.g. with logit scaling) take the full forward; tests pin the equality for each.
@@ -28,19 +29,27 @@ class TokenLoss(nn.Module):
         # FSDP's transformer-based auto-wrap looks for the decoder layer classes here.
         self._no_split_modules = getattr(model.get_base_model(), "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels, **packed):
+        """`packed`: position_ids and cu_seq_lens_* of a packed row (peftkit/packing.py)."""
         targets = labels[:, 1:]
         keep = targets != IGNORE
         base = self.model.get_base_model()
-        if base.config.model_type in HEAD_ONLY_ARCHS:
+        # Prompt tuning prepends its virtual tokens inside the PeftModel forward: calling the
+        # decoder directly would skip them, so it takes the full forward (below).
+        prompt_learning = self.model.active_peft_config.is_prompt_learning
+        if prompt_learning and packed:
+            raise ValueError("prompt tuning needs padded batches (virtual tokens are "
+                             "prepended once per row, not per packed sample)")
+        if base.config.model_type in HEAD_ONLY_ARCHS and not prompt_learning:
             hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                        use_cache=False).last_hidden_state
-            logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-            cap = getattr(base.config, "final_logit_softcapping", None)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                use_cache=False).logits[:, :-1][keep]
+                                        use_cache=False, **packed).last_hidden_state
+            # Chunked: the full [labelled positions x vocab] logits never exist at once.
+            loss = head_loss(base.get_output_embeddings(), hidden[:, :-1][keep], targets[keep],
+                             softcap=getattr(base.config, "final_logit_softcapping", None))
+            return loss, keep.sum()
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            use_cache=False, **packed).logits
+        # Virtual tokens (if any) come first and carry no label: drop their positions.
+        logits = logits[:, logits.shape[1] - input_ids.shape[1]:][:, :-1][keep]
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss, keep.sum()

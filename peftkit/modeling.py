@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from peftkit import methods, quantize
 from peftkit.config import Launch, Lora, Model
 from peftkit.errors import UserError
 from peftkit.tiny import build_tiny, tokenizer_dir
@@ -23,12 +23,16 @@ class Precision:
     dtype: torch.dtype
     mixed_precision: str  # accelerate's value: no | bf16 | fp16
     notes: list[str] = field(default_factory=list)
+    compute_dtype: torch.dtype | None = None  # of 4-bit layers; None when not 4-bit
 
 
-def resolve_precision(model: Model, launch: Launch, device_type: str) -> Precision:
+def resolve_precision(model: Model, launch: Launch, device_type: str,
+                      bf16_ok: bool | None = None) -> Precision:
     """Weight dtype and autocast for this device. CPU always trains in fp32: this CPU class
-    has no bf16 units, and bf16 there is an order of magnitude slower."""
-    bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    has no bf16 units, and bf16 there is an order of magnitude slower. `bf16_ok` overrides
+    the probe of this machine's GPU (memory estimates for a GPU elsewhere)."""
+    if bf16_ok is None:
+        bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
     notes = []
     dtype = model.dtype
     if dtype == "auto":
@@ -42,7 +46,9 @@ def resolve_precision(model: Model, launch: Launch, device_type: str) -> Precisi
     elif device_type == "cpu" and mixed != "no":
         notes.append(f"launch.mixed_precision={mixed} on CPU: using no (fp32)")
         mixed = "no"
-    return Precision(getattr(torch, dtype), mixed, notes)
+    compute, quant_notes = quantize.compute_dtype(model, device_type, bf16_ok)
+    return Precision(getattr(torch, dtype), mixed, notes + quant_notes,
+                     getattr(torch, compute) if compute else None)
 
 
 def base_path(model: Model) -> str:
@@ -87,14 +93,22 @@ def load_tokenizer(path: str, model: Model):
     return tok, changed
 
 
-def load_model(path: str, model: Model, dtype: torch.dtype):
+def load_model(path: str, model: Model, dtype: torch.dtype,
+               compute_dtype: torch.dtype | None = None, device=None):
+    """The base model; with `model.quantize`, loaded quantized by bitsandbytes straight onto
+    `device` (quantized weights cannot be moved there afterwards)."""
     from transformers import AutoModelForCausalLM
 
     attn = None if model.attn_implementation == "auto" else model.attn_implementation
+    quantized = {}
+    if model.quantize:
+        quantized = {"quantization_config": quantize.bnb_config(model, compute_dtype)}
+        if device is not None:
+            quantized["device_map"] = {"": device}
     try:
         base = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn,
-            revision=model.revision, trust_remote_code=model.trust_remote_code)
+            revision=model.revision, trust_remote_code=model.trust_remote_code, **quantized)
     except OSError as exc:
         raise _offline_error("model", path, exc) from exc
     except ValueError as exc:
@@ -107,19 +121,34 @@ def load_model(path: str, model: Model, dtype: torch.dtype):
     return base
 
 
+def prepare_for_training(base, model: Model, gradient_checkpointing: bool):
+    """Ready a loaded base for adapter training. The one place that decides both k-bit
+    preparation and gradient checkpointing (peft's k-bit helper would otherwise turn
+    checkpointing on by itself, through a deprecated transformers call)."""
+    if model.quantize:
+        base = quantize.prepare_for_kbit_training(base)
+    if gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs and does not warn; transformers still hooks
+        # the embedding output to require grad ("input grads"), which is harmless here.
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return base
+
+
 def lora_config(adapter: Lora):
     from peft import LoraConfig
 
-    targets: str | list[str] = adapter.targets.strip()
-    if targets != "all-linear" and not re.search(r"[\\^$.*+?()\[\]|]", targets):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    init = {"default": True}.get(adapter.init, adapter.init)
     return LoraConfig(
         r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-        target_modules=targets, use_rslora=adapter.use_rslora, use_dora=adapter.use_dora,
-        init_lora_weights=init, bias=adapter.bias, task_type="CAUSAL_LM",
-        modules_to_save=[m.strip() for m in adapter.modules_to_save.split(",") if m.strip()]
-        or None,
+        target_modules=methods.target_modules(adapter.targets), use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora, init_lora_weights=methods.init_lora_weights(adapter.init),
+        bias=adapter.bias, task_type="CAUSAL_LM",
+        rank_pattern=methods.parse_pattern(adapter.rank_pattern, int),
+        alpha_pattern=methods.parse_pattern(adapter.alpha_pattern, float),
+        modules_to_save=methods.names(adapter.modules_to_save),
     )
 
 
@@ -128,7 +157,9 @@ def attach_adapter(base, adapter: Lora):
     from peft import get_peft_model
 
     try:
-        return get_peft_model(base, lora_config(adapter))
+        config = (lora_config(adapter) if adapter.method == "lora"
+                  else methods.non_lora_config(adapter, base.config.model_type))
+        return get_peft_model(base, config)
     except ValueError as exc:  # peft names the unmatched target modules
         raise UserError(f"adapter.targets={adapter.targets!r}: {str(exc).splitlines()[0]}") \
             from exc

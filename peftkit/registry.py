@@ -38,6 +38,8 @@ def load_file(path: Path) -> Entry:
     if spec is None or spec.loader is None:
         raise UserError(f"{path}: not a Python module; recipes are .py files defining RECIPE")
     module = importlib.util.module_from_spec(spec)
+    # A recipe is read, not installed: leave no __pycache__ next to the user's file.
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
         spec.loader.exec_module(module)
     except ConfigError:
@@ -47,6 +49,7 @@ def load_file(path: Path) -> Entry:
         raise UserError(f"{path}{line}: recipe failed to load: {type(exc).__name__}: {exc}") \
             from exc
     finally:
+        sys.dont_write_bytecode = writes_bytecode
         sys.modules.pop(module_name, None)
     recipe = getattr(module, "RECIPE", None)
     if not isinstance(recipe, Recipe):
@@ -67,7 +70,7 @@ def _line_in(exc: BaseException, path: Path) -> str:
     tb = exc.__traceback__
     line = ""
     while tb is not None:
-        if Path(tb.tb_frame.f_code.co_filename) == path:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
             line = f":{tb.tb_lineno}"
         tb = tb.tb_next
     return line

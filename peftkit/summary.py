@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 from peftkit.config import Recipe
 
 
+@functools.lru_cache(maxsize=8)  # `show` asks twice (parameters, memory); the Hub lookup is slow
 def base_config(recipe: Recipe):
-    """(transformers config, where it came from) without downloading weights."""
+    """(transformers config, where it came from) without downloading weights. Cached per
+    recipe: treat the config as read-only."""
     from transformers import AutoConfig, AutoTokenizer
 
     from peftkit.shapes import known_config

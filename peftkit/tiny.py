@@ -25,6 +25,12 @@ SIZES = {
                num_attention_heads=4, num_key_value_heads=2),
     "s": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=4),
+    # Benchmarks: ~42M matmul parameters, and a 32k vocabulary so that the LM head and the
+    # cross-entropy weigh what they do in real models. The tokenizer has 4096 tokens: rows
+    # 4096.. of the embeddings and head are never looked up nor a target, but the softmax
+    # spans all 32000 (harmless; generation could emit ids the tokenizer cannot decode).
+    "m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+              num_attention_heads=8, num_key_value_heads=8, vocab_size=32000),
 }
 
 # Known name prefixes -> transformers model_type, for recipes that leave model.arch empty.
@@ -63,6 +69,7 @@ def tiny_config(arch: str, size: str, vocab_size: int, special: dict):
                         f"use one of {', '.join(SUPPORTED_ARCHS)}")
     dims = dict(SIZES[size])
     dims["head_dim"] = dims["hidden_size"] // dims["num_attention_heads"]
+    vocab_size = max(vocab_size, dims.pop("vocab_size", 0))
     return AutoConfig.for_model(
         arch, vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=False,
         rope_theta=10000.0, **dims, **special)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,20 +16,21 @@ from pathlib import Path
 
 import torch
 
-from peftkit import checkpoint, data, rundir
-from peftkit.distributed import fsdp_plugin, full_state_dict
+from peftkit import checkpoint, data, methods, packing, resume as resuming, rundir, signals
+from peftkit.distributed import fsdp_plugin, full_state_dict, uses_fsdp
 from peftkit.batching import BatchStream, Position, collate, loss_tokens, useful_tokens
 from peftkit.config import Recipe
-from peftkit.errors import UserError
+from peftkit.errors import RunError, UserError
 from peftkit.evaluation import eval_loss, exact_match
 from peftkit.loss import TokenLoss
 from peftkit.modeling import (attach_adapter, base_path, count_parameters, load_model,
-                              load_tokenizer, resolve_precision)
+                              load_tokenizer, prepare_for_training, resolve_precision)
+from peftkit import hub, memory, merge, quantize, tracking
 from peftkit.progress import TrainProgress
 
 
-class TrainingDiverged(RuntimeError):
-    """Loss or gradients became non-finite (exit 1: not the user's input)."""
+class TrainingDiverged(RunError):
+    """Loss, gradients or adapter weights became non-finite (exit 1: not the user's input)."""
 
 
 @dataclass
@@ -42,6 +44,9 @@ class RunResult:
     evals: dict = field(default_factory=dict)      # "before"/"after" -> {metric: value}
     data: dict = field(default_factory=dict)
     model: object = field(default=None, repr=False)  # the trained PeftModel, for callers
+    step_seconds: list = field(default_factory=list)  # wall time of each step (peftkit bench)
+    memory: dict = field(default_factory=dict)  # estimated vs measured peak (memory.report)
+    probe: dict = field(default_factory=dict)  # loss on the batch `peftkit merge` checks
 
 
 def make_accelerator(recipe: Recipe):
@@ -55,7 +60,7 @@ def make_accelerator(recipe: Recipe):
     follow_launcher = recipe.launch.mixed_precision == "auto" and launcher_choice != "no"
     accelerator = Accelerator(
         mixed_precision=None if follow_launcher else precision.mixed_precision,
-        fsdp_plugin=fsdp_plugin(recipe, device_type))
+        fsdp_plugin=fsdp_plugin(recipe, device_type), **tracking.accelerator_args(recipe))
     return accelerator, precision
 
 
@@ -87,13 +92,26 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     main = acc.is_main_process
     path = rundir.run_dir(recipe)
 
-    # --- setup: check everything cheap before loading any weights --------------------------
-    resume_from = _resume_target(path, resume) if resume else None
-    if not resume:
+    # --- setup: check everything cheap before loading any weights, and write nothing before
+    # the inputs have passed: a run that fails to start leaves no run directory behind --------
+    notes = list(precision.notes)
+    quantize.require_bitsandbytes(recipe.model, recipe.adapter, acc.device.type)
+    if recipe.hub.push_at_end:
+        hub.require_token()  # now, not after hours of training
+    resume_from = resuming.find(path, resume, overwrite) if resume else None
+    saved = checkpoint.verify(resume_from) if resume_from is not None else None
+    if saved is not None:
+        notes += resuming.check_recipe(resume_from, saved, recipe, acc.num_processes, path)
+    if resume_from is not None and uses_fsdp(acc):
+        raise UserError("--resume under FSDP is not supported yet (adapter weights would be "
+                        "loaded into already-sharded parameters); resume with strategy=ddp")
+    # A new run directory, unless resuming this run (not when branching off another's).
+    fresh = resume_from is None or not resuming.continues(path, resume_from)
+    if fresh:
         rundir.check_target(path, overwrite)
-    acc.wait_for_everyone()
-    if main:
-        rundir.prepare(path, overwrite=overwrite, resume=bool(resume))
+    if recipe.model.trust_remote_code and main:
+        print(f"note: model.trust_remote_code=true: running the modelling code shipped with "
+              f"{recipe.model.name}", file=sys.stderr, flush=True)
     set_seed(t.seed)
     # A tiny base is built once per machine; transformers writes weights on rank 0 only.
     with acc.local_main_process_first():
@@ -108,14 +126,23 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
                         f"(train.batch_size={t.batch_size} x {acc.num_processes} processes); "
                         "add data or lower train.batch_size") from None
     steps = total_steps(recipe, stream)
+    meta = {"recipe": recipe.to_dict(), "data_fingerprint": resuming.fingerprint(train_ex)}
+    if saved is not None:
+        resuming.check_data(resume_from, saved, meta["data_fingerprint"])
 
-    model = load_model(base, recipe.model, precision.dtype)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peak = memory.PeakMemory(acc.device)  # from here on: the model and its training
+    model = load_model(base, recipe.model, precision.dtype, precision.compute_dtype, acc.device)
+    # Padding-free batches where the attention kernel can keep samples apart (packing.py).
+    # (Prompt tuning prepends its virtual tokens to a whole row: its samples cannot share one.)
+    packed, note = packing.enable(model, recipe.data.packing
+                                  and recipe.adapter.method != "prompt_tuning")
+    notes += [note] if note else []
+    model = prepare_for_training(model, recipe.model, t.gradient_checkpointing)
     peft_model = attach_adapter(model, recipe.adapter)
+    initial = methods.initialise(peft_model, recipe.adapter)  # LoftQ; PiSSA/OLoRA start point
     trainable, total = count_parameters(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = methods.make_optimizer(peft_model, params, recipe.adapter, t.lr, t.weight_decay)
     # The schedule counts optimizer steps; it is stepped by hand (not `prepare`d), since
     # accelerate's wrapper would step it once per process.
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
@@ -123,17 +150,12 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     loss_module, optimizer = acc.prepare(TokenLoss(peft_model), optimizer)
 
     start = 0
-    log = rundir.MetricsLog(path, enabled=main)
     if resume_from is not None:
         start, stream.position = checkpoint.load(resume_from, peft_model, optimizer.optimizer,
                                                  scheduler, acc)
-        log.truncate_after(start)
-    elif main:
-        rundir.write_recipe(path, recipe, source, base)
-        log.write(step=0, event="data", **stats.to_dict())
 
     show = TrainProgress(steps, start, enabled=main, log_every=t.log_every, console=console)
-    for note in precision.notes:
+    for note in notes:
         show.note(f"[yellow]note:[/] {note}")
     show.note(f"[bold]{recipe.name}[/]: {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.2f}%), {len(train_ex):,} train / {len(eval_ex):,} "
@@ -143,12 +165,27 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     if start == 0:
         result.evals["before"] = evaluate_all(acc, loss_module, peft_model, tokenizer, eval_ex,
                                               prompts, recipe)
+
+    # The inputs are good: only now create (or, with --overwrite, replace) the run directory.
+    acc.wait_for_everyone()
+    if main:
+        rundir.prepare(path, overwrite=overwrite, resume=not fresh)
+        checkpoint.clean_stale(path / "checkpoints")  # left by a crash during a save
+    log = tracking.start(acc, recipe, rundir.MetricsLog(path, enabled=main))
+    if not fresh:
+        log.truncate_after(start)
+    elif main:
+        rundir.write_recipe(path, recipe, source, base)
+        log.write(step=0, event="data", **stats.to_dict())
+    if "before" in result.evals:
         log.write(step=0, event="eval", **_scalars(result.evals["before"]))
 
     # --- steps ------------------------------------------------------------------------------
     world = acc.num_processes
     tokens_seen, train_time = 0, 0.0
-    for step in range(start + 1, steps + 1):
+    # SIGINT/SIGTERM during the steps: finish the step, checkpoint, stop (peftkit/signals.py).
+    stop = signals.StopRequest()
+    for step in stop.steps(range(start + 1, steps + 1)):
         began = time.perf_counter()
         window = [stream.next() for _ in range(t.grad_accum)]
         counts = torch.tensor([sum(loss_tokens(b) for b in window),
@@ -156,7 +193,8 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
         n_loss, n_useful = acc.reduce(counts, reduction="sum").tolist()
         loss_total = torch.zeros((), device=acc.device)
         for i, micro in enumerate(window):
-            batch = {k: v.to(acc.device) for k, v in collate(micro, tokenizer.pad_token_id).items()}
+            collate_fn = packing.collate_packed if packed else collate
+            batch = packing.to_device(collate_fn(micro, tokenizer.pad_token_id), acc.device)
             # Sync gradients across processes only on the window's last micro-batch.
             sync = i == len(window) - 1
             with nullcontext() if sync else acc.no_sync(loss_module):
@@ -166,7 +204,8 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
                 # x world), so each micro-batch contributes its summed loss / global count.
                 acc.backward(loss_sum * world / max(n_loss, 1))
             loss_total += loss_sum.detach()
-        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
+        # Without clipping, an infinite max norm still measures the norm (for the check below).
+        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or math.inf)
         loss = acc.reduce(loss_total, reduction="sum").item() / max(n_loss, 1)
         if not math.isfinite(loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
             show.close()
@@ -175,7 +214,8 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        train_time += time.perf_counter() - began
+        result.step_seconds.append(time.perf_counter() - began)
+        train_time += result.step_seconds[-1]
         tokens_seen += int(n_useful)
         tps = tokens_seen / train_time
         show.update(step, loss, tps, scheduler.get_last_lr()[0])
@@ -188,22 +228,35 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
             log.write(step=step, event="eval", eval_loss=eval_loss(
                 acc, loss_module, eval_ex, t.batch_size, tokenizer.pad_token_id)) \
                 if eval_ex else None
-        if (t.save_every and step % t.save_every == 0) or step == steps:
+        signum = stop.requested(acc)  # every process stops after the same step
+        if (t.save_every and step % t.save_every == 0) or step == steps or signum:
+            _check_finite(acc, params, step, path)  # never checkpoint a broken adapter
             checkpoint.save(path / "checkpoints", step, stream.position, peft_model,
                             optimizer.optimizer, scheduler, acc, t.keep_checkpoints,
-                            full_state_dict(acc, loss_module))
+                            full_state_dict(acc, loss_module), extra=meta)
+        if signum:
+            show.close()
+            raise signals.Interrupted(signum, step, path / "checkpoints" / f"step-{step}")
     show.close()
 
     # --- eval and save ----------------------------------------------------------------------
     result.evals["after"] = evaluate_all(acc, loss_module, peft_model, tokenizer, eval_ex,
                                          prompts, recipe)
     log.write(step=steps, event="eval", **_scalars(result.evals["after"]))
+    # The trained model's loss on the fixed held-out batch that `peftkit merge` checks merged
+    # models against (merge.py): a merge is compared with this model, not only with the files.
+    result.probe = merge.record_probe(acc, loss_module, eval_ex, tokenizer.pad_token_id,
+                                      precision, recipe.model.quantize)
+    result.memory = memory.report(memory.estimate(recipe, model.config, precision), peak)
     state_dict = full_state_dict(acc, loss_module)
     if main:
         _save_outputs(path, recipe, peft_model, tokenizer, tokenizer_changed, result,
-                      state_dict)
+                      state_dict, initial)
     acc.wait_for_everyone()
+    acc.end_training()  # closes the tracker, if any
     result.model = peft_model
+    if recipe.hub.push_at_end and main:  # a failed push raises hub.PushFailed (exit 1); the
+        hub.push(path, say=show.note)    # run directory is complete and stays as it is
     return result
 
 
@@ -211,28 +264,28 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def _resume_target(path: Path, resume: bool | str) -> Path:
-    if isinstance(resume, str):
-        return Path(resume)
-    found = checkpoint.step_dirs(path / "checkpoints")
-    if not found:
-        raise UserError(f"--resume: no complete checkpoint under {path / 'checkpoints'}; "
-                        "train without --resume first")
-    return found[-1]
+def _check_finite(acc, params, step: int, path: Path) -> None:
+    """Raise TrainingDiverged if any adapter weight is inf or NaN (on any process)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP shards
+    bad = torch.stack([(~torch.isfinite(x.detach())).any() for x in local]).sum().float()
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad.to(acc.device), reduction="sum")
+    if bad.item():
+        raise TrainingDiverged(_diverged_message(step, path, "adapter weights"))
 
 
-def _diverged_message(step: int, path: Path) -> str:
+def _diverged_message(step: int, path: Path, what: str = "loss or gradients") -> str:
     found = checkpoint.step_dirs(path / "checkpoints")
     last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
-    return (f"loss or gradients became non-finite at step {step}; {last}. Lower train.lr or "
+    return (f"{what} became non-finite at step {step}; {last}. Lower train.lr or "
             "check the data; no final adapter was written")
 
 
 def _save_outputs(path: Path, recipe: Recipe, peft_model, tokenizer, tokenizer_changed: bool,
-                  result: RunResult, state_dict: dict | None) -> None:
+                  result: RunResult, state_dict: dict | None, initial: dict | None) -> None:
     from peftkit import card, plot
 
-    peft_model.save_pretrained(path / "adapter", state_dict=state_dict)
+    methods.save_adapter(peft_model, path / "adapter", state_dict, initial)
     if tokenizer_changed:
         tokenizer.save_pretrained(path / "tokenizer")
     metrics = rundir.read_metrics(path)
@@ -241,4 +294,5 @@ def _save_outputs(path: Path, recipe: Recipe, peft_model, tokenizer, tokenizer_c
     rundir.write_json(path / "result.json", {
         "steps": result.steps, "trainable": result.trainable, "total": result.total,
         "train_loss": result.train_loss, "tokens_per_s": result.tokens_per_s,
-        "data": result.data, "evals": {k: _scalars(v) for k, v in result.evals.items()}})
+        "data": result.data, "evals": {k: _scalars(v) for k, v in result.evals.items()},
+        "memory": result.memory, "probe": result.probe})

@@ -1,0 +1,49 @@
+"""The benchmark suite: which recipes, data, quantization and baselines `run.py` measures.
+
+Two Llama-architecture models with random weights (benchmarks/recipes/tiny.py: 7.6M params,
+4k vocab; small.py: 58M params, 32k vocab), each on (a) long-tailed instruction-like lengths
+(median ~220 tokens, 16..1024) and (b) fixed 256-token samples, with LoRA and with QLoRA (NF4
+base through bitsandbytes). Sized to run in minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftkit.bench_data import dataset_file
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+@dataclass(frozen=True)
+class Entry:
+    label: str
+    recipe: str  # file under benchmarks/recipes/
+    overrides: tuple[str, ...] = ()
+    vs: tuple[str, ...] = ("hf", "hf-grouped")
+    steps: int = 8
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace(" / ", "-").replace(" ", "-").lower()
+
+    @property
+    def path(self) -> str:
+        return str(RECIPES / self.recipe)
+
+
+def fixed() -> tuple[str, ...]:
+    return (f"data.train={dataset_file('fixed')}", "data.max_len=256")
+
+
+def entries() -> list[Entry]:
+    return [
+        Entry("tiny / varlen / LoRA", "tiny.py", steps=16),
+        Entry("tiny / fixed-256 / LoRA", "tiny.py", fixed(), vs=("hf",), steps=16),
+        Entry("tiny / varlen / QLoRA-nf4", "tiny.py", ("model.quantize=nf4",), steps=16),
+        Entry("small / varlen / LoRA", "small.py", steps=8),
+        Entry("small / fixed-256 / LoRA", "small.py", fixed(), vs=("hf",), steps=8),
+        Entry("small / varlen / QLoRA-nf4", "small.py", ("model.quantize=nf4",), steps=8),
+    ]

@@ -1,0 +1,167 @@
+"""QLoRA: tiny models on a real bitsandbytes 4-/8-bit base, on CPU (peftkit/quantize.py)."""
+
+import sys
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+from peftkit import quantize, registry
+from peftkit.cli import main
+from peftkit.config import Model, apply_overrides, problems_of
+from peftkit.errors import UserError
+from peftkit.modeling import (attach_adapter, base_path, load_model, prepare_for_training,
+                              resolve_precision)
+from peftkit.train import train
+
+bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
+
+QLORA = "llama3-8b-qlora"
+TINY = ["model.tiny=true", "model.tiny_size=xs", "data.max_len=64", "data.eval_size=32",
+        "train.batch_size=8", "train.grad_accum=1", "train.lr=5e-3", "train.warmup_steps=0",
+        "train.save_every=0", "train.eval_every=0", "train.log_every=1", "adapter.dropout=0.0"]
+
+
+def tiny_model(quantize_: str | None) -> Model:
+    model = registry.resolve(QLORA).recipe.model
+    return replace(model, tiny=True, tiny_size="xs", quantize=quantize_, compute_dtype="auto")
+
+
+def quantized_state(base) -> dict[str, torch.Tensor]:
+    """Every quantized tensor of the base as stored (packed 4-bit/int8 weights, absmax, scales).
+    `state_dict` returns the canonical layout whatever bitsandbytes did in memory."""
+    return {k: v.detach().clone() for k, v in base.state_dict().items()
+            if v.dtype in (torch.uint8, torch.int8) or "absmax" in k or "SCB" in k}
+
+
+@pytest.mark.parametrize("kind, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_tiny_base_loads_quantized_under_the_adapter(kind, layer):
+    model = tiny_model(kind)
+    precision = resolve_precision(model, registry.resolve(QLORA).recipe.launch, "cpu")
+    base = load_model(base_path(model), model, precision.dtype, precision.compute_dtype, "cpu")
+    peft_model = attach_adapter(prepare_for_training(base, model, False),
+                                registry.resolve(QLORA).recipe.adapter)
+    adapted = [m for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
+    assert adapted and all(type(m.get_base_layer()).__name__ == layer for m in adapted)
+    assert all(isinstance(m.get_base_layer(), (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+               for m in adapted)
+    head = peft_model.get_base_model().get_output_embeddings()
+    assert type(head) is torch.nn.Linear  # bitsandbytes leaves the LM head unquantized
+    if kind == "nf4":  # auto compute dtype on CPU is float32
+        assert adapted[0].get_base_layer().compute_dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, alpaca_file):
+    """One short QLoRA run (nf4, double quant, gradient checkpointing) shared below."""
+    entry = registry.resolve(QLORA)
+    recipe = apply_overrides(entry.recipe, [
+        *TINY, "train.max_steps=8", f"data.train={alpaca_file}", "data.eval=",
+        f"train.output_dir={tmp_path_factory.mktemp('runs')}"])
+    assert recipe.model.quantize == "nf4" and recipe.train.gradient_checkpointing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(recipe, str(entry.path))
+    return recipe, result, [str(w.message) for w in caught]
+
+
+def test_qlora_trains_while_the_quantized_base_stays_bit_identical(qlora_run):
+    recipe, result, caught = qlora_run
+    before, after = result.evals["before"]["eval_loss"], result.evals["after"]["eval_loss"]
+    assert after < before - 0.05, (before, after)
+    base = result.model.get_base_model()
+    fresh = load_model(base_path(recipe.model), recipe.model, torch.float32, torch.float32,
+                       "cpu")
+    trained, expected = quantized_state(base), quantized_state(fresh)
+    trained = {k.replace("base_layer.", ""): v for k, v in trained.items()}
+    assert expected and trained.keys() == expected.keys()
+    assert any(v.dtype == torch.uint8 and "absmax" not in k for k, v in expected.items())
+    for key, value in expected.items():
+        assert torch.equal(trained[key], value), f"quantized base tensor {key} changed"
+    assert base.is_activation_checkpointing  # on, and through peftkit's one switch:
+    assert not [w for w in caught if "use_reentrant" in w]
+
+
+def test_every_layer_learns_after_an_evaluation(qlora_run):
+    """The held-out evaluation before training runs the 4-bit layers without gradients; on
+    CPUs with AVX512-BF16 bitsandbytes would then repack them into a layout with no backward,
+    and the adapters below the top layer would get no gradient (quantize.py)."""
+    _, result, _ = qlora_run
+    lora_b = {n: p for n, p in result.model.named_parameters() if "lora_B" in n}
+    first = [n for n in lora_b if ".layers.0.self_attn.q_proj" in n]
+    assert first and all(lora_b[n].abs().sum() > 0 for n in first)
+    assert all(p.abs().sum() > 0 for p in lora_b.values())
+
+
+def test_saved_qlora_adapter_loads_in_plain_peft_with_same_logits(qlora_run):
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe, result, _ = qlora_run
+    adapter = result.path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(
+        PeftConfig.from_pretrained(adapter).base_model_name_or_path,
+        quantization_config=quantize.bnb_config(recipe.model, torch.float32), dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, adapter)
+    ours = result.model
+    ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    # Train mode (dropout is 0): the float32 path peftkit trains with. In eval mode without
+    # gradients, bitsandbytes may switch a plain model's 4-bit layers to its bf16 CPU
+    # inference kernel (AVX512-BF16 machines), which agrees only to bf16 precision.
+    for model in (plain, ours):
+        model.train()
+    with torch.no_grad():
+        expected, got = ours(input_ids=ids).logits, plain(input_ids=ids).logits
+        assert torch.allclose(expected, got, atol=1e-5, rtol=0), (expected - got).abs().max()
+        plain.eval()
+        assert torch.allclose(expected, plain(input_ids=ids).logits, atol=5e-2, rtol=0)
+
+
+def test_missing_bitsandbytes_is_a_user_error_before_loading(tmp_path, monkeypatch, capsys):
+    import peftkit.train
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails
+    monkeypatch.setattr(peftkit.train, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    rc = main(["train", QLORA, "model.tiny=true", "data.train=peftkit:data/sort_reverse/train.jsonl",
+               f"train.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "bitsandbytes is not installed" in err and "peftkit[qlora]" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / QLORA).exists()
+
+
+def test_device_bitsandbytes_cannot_serve_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(bnb, "supported_torch_devices", {"cuda"})
+    with pytest.raises(UserError, match="cannot run on cpu"):
+        quantize.require_bitsandbytes(tiny_model("nf4"), registry.resolve(QLORA).recipe.adapter,
+                                      "cpu")
+
+
+def test_quantization_settings_are_validated_together():
+    recipe = registry.resolve(QLORA).recipe
+    bad = replace(recipe, model=replace(recipe.model, quantize="int8", double_quant=False,
+                                        quant_storage="bfloat16"),
+                  adapter=replace(recipe.adapter, init="pissa"))
+    problems = problems_of(bad)
+    for text in ("model.double_quant=False: only applies to 4-bit",
+                 "model.quant_storage='bfloat16': only applies to 4-bit",
+                 "model.compute_dtype='bfloat16': only applies to 4-bit",
+                 "adapter.init='pissa'"):
+        assert any(text in p for p in problems), (text, problems)
+    assert problems_of(recipe) == []
+    with pytest.raises(UserError, match="use_dora=true with model.quantize=int8"):
+        quantize.require_bitsandbytes(replace(recipe.model, quantize="int8"),
+                                      replace(recipe.adapter, use_dora=True), "cpu")
+
+
+def test_compute_dtype_auto_is_float32_on_cpu_and_bf16_on_a_bf16_gpu():
+    model = replace(tiny_model("nf4"), dtype="auto")
+    launch = registry.resolve(QLORA).recipe.launch
+    cpu = resolve_precision(model, launch, "cpu")
+    gpu = resolve_precision(model, launch, "cuda", bf16_ok=True)
+    assert cpu.compute_dtype == torch.float32 and gpu.compute_dtype == torch.bfloat16
+    assert any("computing in float32" in n for n in cpu.notes)
+    assert resolve_precision(replace(model, quantize=None), launch, "cpu").compute_dtype is None

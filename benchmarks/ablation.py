@@ -24,14 +24,17 @@ sys.path.insert(0, str(HERE))
 import suite  # noqa: E402
 
 # name -> (data.packing, LM head only on labelled positions, chunked head, kernel, overrides)
+EAGER = ("train.compile=false",)
 VARIANTS = {
-    "padded batches, full logits (Trainer-like)": (False, False, False, None, ()),
-    "+ LM head only on labelled positions": (False, True, False, None, ()),
-    "+ packing, transformers' block mask": (True, True, False, "block-mask", ()),
-    "+ packing, attention per sample": (True, True, False, "segments", ()),
-    "+ chunked LM head + loss (= peftkit)": (True, True, True, "segments", ()),
-    "peftkit + gradient checkpointing": (True, True, True, "segments",
-                                         ("train.gradient_checkpointing=true",)),
+    "padded batches, full logits (Trainer-like)": (False, False, False, None, EAGER),
+    "+ LM head only on labelled positions": (False, True, False, None, EAGER),
+    "+ packing, transformers' block mask": (True, True, False, "block-mask", EAGER),
+    "+ packing, attention per sample": (True, True, False, "segments", EAGER),
+    "+ chunked LM head and loss": (True, True, True, "segments", EAGER),
+    "+ train.compile (= the benchmark recipe)": (True, True, True, "segments",
+                                                 ("train.compile=true",)),
+    "+ gradient checkpointing": (True, True, True, "segments",
+                                 ("train.compile=true", "train.gradient_checkpointing=true")),
 }
 
 
@@ -90,7 +93,7 @@ def main() -> int:
         recipe = bench.bench_recipe(apply_overrides(found.recipe, list(entry.overrides)),
                                     entry.steps, tmp)
         base_path(recipe.model)
-        work = bench.expected_work(recipe)
+        recipe, work = bench.select_samples(recipe, tmp)
         per_token, _ = bench.flops_per_token(recipe, work)
         peak = matmul_peak(torch.device("cpu"))["best_flops"]
         spec = Path(tmp) / "spec.json"

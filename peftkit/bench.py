@@ -1,7 +1,7 @@
 """`peftkit bench`: train a recipe for a fixed number of samples and measure it, side by side
 with the plain transformers Trainer + peft baseline (bench_hf.py) on the same work.
 
-    samples = steps x batch_size x grad_accum, the first rows of data.train, one pass each
+    samples = steps x batch_size x grad_accum rows of data.train (select_samples), once each
 
 Every side runs in its own fresh Python process (bench_run.py), so each peak memory is its own;
 `inline=True` runs them one after another in this process instead (fast, for tests: then a
@@ -48,14 +48,13 @@ class UnequalWork(RunError):
 
 
 def bench_recipe(recipe: Recipe, steps: int, output_dir: str) -> Recipe:
-    """`recipe` trained for exactly `steps` optimizer steps over that many samples, once each,
-    with nothing else in the timed loop (no eval, checkpoint only at the end)."""
-    t, d = recipe.train, recipe.data
-    n = steps * t.batch_size * t.grad_accum
+    """`recipe` trained for exactly `steps` optimizer steps, with nothing else in the timed
+    loop (no eval, a checkpoint only at the end)."""
+    t = recipe.train
     train = dataclasses.replace(t, max_steps=steps, warmup_steps=min(t.warmup_steps, steps),
                                 log_every=1, eval_every=0, save_every=0, eval_generate=0,
                                 output_dir=output_dir, **_if_field(t, report_to="none"))
-    data = dataclasses.replace(d, eval="", eval_size=0, max_samples=n)
+    data = dataclasses.replace(recipe.data, eval="", eval_size=0)
     launch = dataclasses.replace(recipe.launch, num_processes=1)
     name = f"bench-{recipe.name or 'run'}"
     return validate(dataclasses.replace(recipe, train=train, data=data, launch=launch, name=name))
@@ -67,24 +66,66 @@ def _if_field(obj, **values) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The work both sides must do, counted before either runs.
+# The work every side must do, chosen and counted before any runs.
 
-def expected_work(recipe: Recipe) -> dict:
+def select_samples(recipe: Recipe, folder: str) -> tuple[Recipe, dict]:
+    """Choose the samples and write them to `folder`/samples.jsonl; point data.train there.
+
+    The samples are `steps` batches drawn at random (seeded) from one epoch over all of
+    data.train as the Trainer's length grouping orders it (transformers'
+    `get_length_grouped_indices`, the function behind `train_sampling_strategy=
+    "group_by_length"`, with its megabatches of up to 50 batches). The file keeps that order,
+    so the hf-grouped side, reading it sequentially, trains exactly the batches length grouping
+    forms in a full epoch; the other sides shuffle as they always do. (Grouping a small
+    benchmark subset itself would not group at all: the Trainer sizes megabatches from the
+    dataset, and below 4 x 2 batches each megabatch is a single batch.)
+    """
+    import random
+
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
     from peftkit import data
     from peftkit.batching import loss_tokens
     from peftkit.bench_hf import fingerprint
     from peftkit.modeling import base_path, load_tokenizer
 
+    d, t = recipe.data, recipe.train
     tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
-    examples, _, _, _ = data.build(recipe.data, tokenizer, recipe.train.seed)
-    n = recipe.train.max_steps * recipe.train.batch_size * recipe.train.grad_accum
-    if len(examples) < n:
-        raise UserError(f"data.train: {len(examples)} usable rows, fewer than the {n} samples "
-                        f"{recipe.train.max_steps} steps need; lower --steps or add data")
+    rows, _ = data.load_records(d.train, d.skip_bad_rows)
+    fmt = d.format if d.format != "auto" else data.detect_format(rows[0], rows[0].where)
+    candidates = []
+    for row in rows[: d.max_samples or None]:
+        try:
+            example = data.tokenize_record(row, fmt, tokenizer, d, row.where)
+        except data.BadRow:
+            if not d.skip_bad_rows:
+                raise
+            continue
+        if example is not None:
+            candidates.append((row, example))
+    group = t.batch_size * t.grad_accum
+    order = get_length_grouped_indices([len(e.input_ids) for _, e in candidates], group,
+                                       generator=torch.Generator().manual_seed(t.seed))
+    groups = [order[i:i + group] for i in range(0, len(order) - group + 1, group)]
+    if len(groups) < t.max_steps:
+        raise UserError(f"data.train: {len(candidates)} usable rows make {len(groups)} batches "
+                        f"of {group}, fewer than the {t.max_steps} steps asked for; lower "
+                        "--steps or add data")
+    picked = sorted(random.Random(t.seed).sample(range(len(groups)), t.max_steps))
+    chosen = [candidates[i] for g in picked for i in groups[g]]
+    path = Path(folder) / "samples.jsonl"
+    path.write_text("".join(json.dumps(dict(row), ensure_ascii=False) + "\n"
+                            for row, _ in chosen))
+    examples = [e for _, e in chosen]
     lengths = [len(e.input_ids) for e in examples]
-    return {"samples": n, "tokens": sum(lengths), "labelled": loss_tokens(examples),
-            "lengths": lengths, "fingerprints": sorted(fingerprint(e.input_ids)
-                                                       for e in examples)}
+    work = {"samples": len(examples), "tokens": sum(lengths), "labelled": loss_tokens(examples),
+            "lengths": lengths,
+            "fingerprints": sorted(fingerprint(e.input_ids) for e in examples),
+            "selection": {"rows": len(candidates), "batches_in_epoch": len(groups),
+                          "megabatch_batches": max(1, min(len(candidates) // (group * 4), 50)),
+                          "batches_picked": picked, "source": d.train}}
+    selected = dataclasses.replace(d, train=str(path), format=fmt, max_samples=0)
+    return dataclasses.replace(recipe, data=selected), work
 
 
 def flops_per_token(recipe: Recipe, work: dict) -> tuple[float, dict]:
@@ -176,6 +217,7 @@ def summarise(side: dict, recipe: Recipe, per_token: float, peak_flops: float) -
         "samples_per_s": len(side["step_seconds"][timed]) * per_step / seconds,
         "step_seconds_mean": statistics.fmean(side["step_seconds"][timed]),
         "step_seconds_median": statistics.median(side["step_seconds"][timed]),
+        "first_step_seconds": side["step_seconds"][0],  # untimed: allocations, compilation
         "peak_memory_bytes": mem.get("above_baseline_bytes"),
         "peak_memory_absolute_bytes": mem.get("peak_bytes"),
         "memory_method": mem.get("method"),
@@ -239,7 +281,7 @@ def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: 
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-runs-") as runs:
         recipe = bench_recipe(recipe, steps, runs)
         base_path(recipe.model)  # build a tiny base once, before the sides race to
-        work = expected_work(recipe)
+        recipe, work = select_samples(recipe, runs)
         per_token, shape = flops_per_token(recipe, work)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = resolve_precision(recipe.model, recipe.launch, device.type)
@@ -251,6 +293,7 @@ def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: 
     result = {
         "recipe": recipe.name.removeprefix("bench-"), "source": source, "steps": steps,
         "samples": work["samples"], "tokens": work["tokens"], "labelled": work["labelled"],
+        "selection": work["selection"],
         "settings": recipe.to_dict(), "environment": environment(),
         "isolation": "in-process" if inline else "one fresh process per side",
         "matmul_peak": {"flops": peak, "measurements": peaks},

@@ -4,8 +4,9 @@ What a user would write without peftkit: the base model loaded with `from_pretra
 attention), `get_peft_model` with the same LoRA settings, a padding collator
 (`DataCollatorForSeq2Seq`: right padding, label -100 on pads), no packing, full logits and
 transformers' own loss. Same samples (the token ids and labels peftkit tokenized), batch size,
-accumulation, steps, learning rate, schedule, clipping and seed. `grouped=True` adds the
-Trainer's length grouping (`train_sampling_strategy="group_by_length"`).
+accumulation, steps, learning rate, schedule, clipping and seed. `grouped=True` trains the
+batches the Trainer's length grouping forms (`train_sampling_strategy="group_by_length"`) over
+the whole dataset: `bench.select_samples` orders the samples that way, read sequentially here.
 
 Only official hooks observe the run: a `TrainerCallback` (step times, logged losses) and a
 wrapper around the collator (which samples, how many real and padded tokens).
@@ -129,7 +130,8 @@ def run(recipe: Recipe, grouped: bool = False) -> dict:
             bf16=precision.mixed_precision == "bf16", fp16=precision.mixed_precision == "fp16",
             use_cpu=device.type == "cpu", logging_steps=1, save_strategy="no",
             report_to="none", disable_tqdm=True,
-            train_sampling_strategy="group_by_length" if grouped else "random")
+            # The samples come in length-grouped order (bench.select_samples): read in order.
+            train_sampling_strategy="sequential" if grouped else "random")
         trainer = Trainer(model=model, args=args, train_dataset=features,
                           data_collator=collator, callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # a printed dict per step; no effect on training

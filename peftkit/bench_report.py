@@ -11,6 +11,7 @@ ROWS = (  # (label, key, format)
     ("useful tokens/s", "tokens_per_s", "{:,.0f}"),
     ("samples/s", "samples_per_s", "{:.2f}"),
     ("step time (s, mean)", "step_seconds_mean", "{:.2f}"),
+    ("first step (s, untimed)", "first_step_seconds", "{:.1f}"),
     ("peak memory (GB)", "peak_memory_bytes", "gb"),
     ("padding share", "padding_share", "{:.0%}"),
     ("MFU", "mfu", "{:.1%}"),

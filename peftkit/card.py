@@ -95,8 +95,8 @@ def eval_table(evals: dict | None) -> str:
 def model_card(recipe: Recipe, result, metrics: list[dict], evals: dict | None = None,
                repo_id: str = "", merge: dict | None = None) -> str:
     """The card; `evals` = eval.json (results of `peftkit eval`), when there is one;
-    `repo_id` goes into the usage snippet; `merge` (a merge_report.json) makes it the card of
-    the merged model rather than of the adapter."""
+    `repo_id` (default: hub.repo_id) goes into the usage snippet; `merge` (a
+    merge_report.json) makes it the card of the merged model rather than of the adapter."""
     m, a = recipe.model, recipe.adapter
     base = (f"peftkit's tiny random-weight stand-in for `{m.name}` (same architecture, "
             "scaled down, built offline); it is not the real model" if m.tiny else f"`{m.name}`")
@@ -116,5 +116,5 @@ def model_card(recipe: Recipe, result, metrics: list[dict], evals: dict | None =
         f"## Evaluation (held-out data)\n\n{_table(result.evals)}\n{eval_table(evals)}"
         + (f"## Merge\n\n{merge_section(merge)}" if merge is not None else "") +
         "## Training curve\n\n![loss](loss.png)\n\n"
-        f"## Usage\n\n{usage(repo_id, merged=merge is not None)}\n"
+        f"## Usage\n\n{usage(repo_id or recipe.hub.repo_id, merged=merge is not None)}\n"
         "## Recipe\n\n```json\n" + json.dumps(recipe.to_dict(), indent=2) + "\n```\n")

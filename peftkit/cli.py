@@ -79,6 +79,9 @@ def _quiet_libraries() -> None:
     # bitsandbytes logs a warning on import on CPUs with AVX512-BF16 when the optional
     # `kernels` package is absent; its slower built-in path is used instead.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes' 8-bit layers log "inputs will be cast ... to float16" on every eval-mode
+    # forward with float32 inputs (CPU): expected, and thousands of lines per evaluation.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     # peft calls a transformers method deprecated in v5 (is_gradient_checkpointing).
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     # datasets logs an unreadable parquet file as an ERROR before raising; peftkit reports

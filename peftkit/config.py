@@ -124,6 +124,9 @@ class Train:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    compile: bool = _f(False, "torch.compile each decoder layer (fuses the elementwise work "
+                              "around the matmuls; the first step pays a compile of tens of "
+                              "seconds)")
     seed: int = _f(42, "seed for weights init, data order and dropout")
     log_every: int = _f(10, "steps between metrics.jsonl entries")
     eval_every: int = _f(0, "steps between evaluations (0 = only at the end)")
@@ -173,7 +176,7 @@ RESUME_SAFE = frozenset({
     "name", "train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
     "train.save_every", "train.keep_checkpoints", "train.eval_generate", "train.max_new_tokens",
     "train.output_dir", "train.gradient_checkpointing", "data.eval", "model.attn_implementation",
-    "data.packing",  # same samples and loss per step, packed or padded
+    "data.packing", "train.compile",  # same samples and loss per step, only faster
     "launch.num_processes", "launch.hardware", "train.report_to",
     "hub.repo_id", "hub.private", "hub.revision", "hub.license", "hub.push_at_end",
 })
@@ -342,7 +345,7 @@ def _quantization_problems(m: Model, a: Lora) -> list[str]:
     if m.quantize and (a.init.startswith("pissa") or a.init == "olora"):
         problems.append(f"adapter.init={a.init!r}: rewrites the base weights, which a "
                         f"quantized base (model.quantize={m.quantize}) cannot hold exactly; use "
-                        "default or gaussian, or initialise on the unquantized base")
+                        "default, gaussian or loftq (nf4), or drop model.quantize")
     return problems
 
 

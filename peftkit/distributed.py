@@ -20,6 +20,9 @@ def fsdp_plugin(recipe: Recipe, device_type: str):
     accelerate silently runs DDP when asked for FSDP on CPU; peftkit refuses instead of
     pretending to shard.
     """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise UserError("DeepSpeed (from your accelerate config) is not supported by peftkit "
+                        "yet; use launch.strategy=fsdp on GPUs, or ddp")
     asked = recipe.launch.strategy == "fsdp" or \
         os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if not asked:

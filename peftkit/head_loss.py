@@ -37,11 +37,15 @@ class _FrozenLinearCE(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
             logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            picked = logits.gather(1, t[:, None])[:, 0]
+            # log-sum-exp and softmax from one exp pass, in place: exp(logits - max) / sum.
+            top = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(top).exp_()
+            sums = exp.sum(dim=-1, keepdim=True)
+            total += (top + sums.log() - picked[:, None]).sum()
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(t), device=t.device), t] -= 1
+                probs = exp.div_(sums)
+                probs[torch.arange(len(t), device=t.device), t] -= 1  # softmax - one-hot
                 grad[start:start + rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return total

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,20 @@ def run(topology: Topology, train_args: list[str], cuda: bool) -> int:
     print(f"launching: {shown(cmd, env)}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="peftkit-launch-") as tmp:
         status = Path(tmp) / "status"
-        proc = subprocess.run(cmd, env={**os.environ, **env, STATUS_ENV: str(status)})
+        proc = subprocess.Popen(cmd, env={**os.environ, **env, STATUS_ENV: str(status)})
+        # Ctrl-C reaches the workers too (same process group): they finish the step and
+        # checkpoint, so wait for them instead of dying first. A SIGTERM sent to this process
+        # alone (a scheduler pre-empting the job) is passed on to them.
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+        try:
+            while True:
+                try:
+                    proc.wait()
+                    break
+                except KeyboardInterrupt:
+                    continue
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if status.is_file():
             return int(status.read_text().strip() or 1)
         return 0 if proc.returncode == 0 else 1

@@ -15,10 +15,13 @@ The estimate adds up what one process holds at the peak of a training step:
   width, as transformers repeats grouped KV heads when a batch is padded) + 4I (gate, up,
   activation, product) + r per adapted linear + with padded (not packed) batches max_len
   (SDPA's additive mask) + with LoRA dropout each adapted linear's dropped input and its
-  1-byte mask. Gradient checkpointing keeps only each layer's input (h). Plus 2h for the
-  final norm;
+  1-byte mask. Gradient checkpointing keeps only each layer's input (h), and with an int8
+  base also the inputs of its 8-bit layers (2h + a + I: bitsandbytes keeps them on the
+  autograd context, out of checkpointing's reach). Plus 2h for the final norm;
 - the backward working set: the larger of the logits of the labelled positions (peftkit runs
-  the LM head only there; logits, log-softmax and gradient, float32) and one layer's backward
+  the LM head only there, in chunks of at most CHUNK_LOGITS logits, head_loss.py: logits,
+  softmax and gradient of one chunk in float32, plus the hidden-state gradient of every
+  position) and one layer's backward
   (its recompute under checkpointing, hidden- and MLP-sized gradients, one quantized weight
   dequantized). Backward frees the logits before it reaches the layers, so never both.
 
@@ -41,6 +44,11 @@ from dataclasses import dataclass, field
 import torch
 
 from peftkit.config import Recipe
+
+try:
+    from peftkit.head_loss import CHUNK_LOGITS
+except ImportError:  # a loss that holds every logit at once
+    CHUNK_LOGITS = 0
 
 GB = 1024 ** 3
 
@@ -135,7 +143,12 @@ def activation_floats_per_token(config, recipe: Recipe, adapted: list) -> dict[s
         dropout = sum(_in_features(mod) for mod in adapted) * (1 + 0.25)  # values + byte masks
     # Padded batches: SDPA keeps an additive mask (max_len values per token) in every layer.
     mask = 0 if getattr(recipe.data, "packing", False) else recipe.data.max_len
-    return {"layer": 4 * h + 4 * a + 4 * inter + lora + dropout + mask, "checkpoint": h}
+    checkpoint = h
+    if recipe.model.quantize == "int8":
+        # bitsandbytes' 8-bit matmul keeps its input on the autograd context, where
+        # checkpointing cannot drop it: the attention and MLP inputs, o_proj's and down_proj's.
+        checkpoint += 2 * h + a + inter
+    return {"layer": 4 * h + 4 * a + 4 * inter + lora + dropout + mask, "checkpoint": checkpoint}
 
 
 def _in_features(mod) -> int:
@@ -207,13 +220,18 @@ def _activation_parts(config, recipe: Recipe, adapted: list, act: int,
     # Backward frees the logits before it reaches the decoder layers: the peak holds either
     # the logits with their gradient, or one layer's backward, not both.
     vocab = config.vocab_size
-    logits = tokens * vocab * 12
+    # peftkit's head loss goes through the labelled positions in chunks of CHUNK_LOGITS
+    # logits (head_loss.py); a chunk holds logits, softmax and gradient at most, and the
+    # hidden-state gradient of every position is kept.
+    chunk = min(tokens * vocab, CHUNK_LOGITS or tokens * vocab)
+    logits = chunk * 12 + (tokens * h * 4 if chunk < tokens * vocab else 0)
     layer = (per["layer"] * t.gradient_checkpointing + 2 * h + 2 * inter) * tokens * act \
         + dequantized
     if logits >= layer:
-        working = (logits, f"logits: {tokens:,} labelled positions x vocab {vocab:,} x 3 x "
-                           f"float32 (logits, log-softmax, gradient) > one layer's backward "
-                           f"{human(layer)}")
+        chunked = f" in chunks of {chunk:,}" if chunk < tokens * vocab else ""
+        working = (logits, f"logits of {tokens:,} labelled positions x vocab {vocab:,}{chunked}"
+                           f" (logits, softmax, gradient: 3 x float32) > one layer's "
+                           f"backward {human(layer)}")
     else:
         working = (layer, f"one layer's backward{' with its recompute' * t.gradient_checkpointing}"
                           f" > logits {human(logits)}")
@@ -328,8 +346,8 @@ def print_estimate(recipe: Recipe, console) -> None:
                         f"{first.assumptions[0]})", title_justify="left", box=None,
                   padding=(0, 2))
     table.add_column("part")
-    for name, est in targets.items():
-        table.add_column(f"{name}: {est.precision}", justify="right")
+    for name in targets:
+        table.add_column(name, justify="right")
     table.add_column("how it is counted", overflow="fold")
     for part in first.parts:
         table.add_row(part, *[human(e.parts[part]) for e in targets.values()],
@@ -337,6 +355,7 @@ def print_estimate(recipe: Recipe, console) -> None:
     table.add_row("[bold]total[/]", *[f"[bold]{human(e.total)}[/]" for e in targets.values()],
                   "[dim]+ CUDA context (~1 GB) on a GPU; see peftkit/memory.py[/]")
     console.print(table)
+    console.print("  " + "; ".join(f"{name}: {e.precision}" for name, e in targets.items()))
     available, what = device_total(here)
     if available:
         share = first.total / available

@@ -139,7 +139,6 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", overwrite: 
     config = AutoConfig.from_pretrained(base, revision=m.revision,
                                         trust_remote_code=m.trust_remote_code)
     out_dtype = DTYPES[dtype] or _stored_dtype(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, probe, source = _probe_batch(recipe, tokenizer, config.vocab_size)
     say(f"probe batch: {source}")
 
@@ -148,31 +147,23 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", overwrite: 
         say(f"the adapter was trained on a {m.quantize} base: merging into an unquantized "
             f"{_name(out_dtype)} copy of the base (never into {m.quantize} weights), checked "
             f"against the adapter on the {m.quantize} base")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = resolve_precision(m, recipe.launch, device.type)
         model = _with_adapter(load_model(base, m, precision.dtype, precision.compute_dtype,
                                          device), run)
         quantized_ref = _forward(model, batch, device)
         del model  # before the unquantized copy loads: one model in memory at a time
         gc.collect()
-    model = _with_adapter(load_model(base, dataclasses.replace(m, quantize=None), out_dtype)
-                          .to(device), run)
+        torch.cuda.empty_cache()
+    model = load_model(base, dataclasses.replace(m, quantize=None), out_dtype)
+    device = _device_for(model)
+    model = _with_adapter(model.to(device), run)
     adapter_ref = _forward(model, batch, device)
     merged = model.merge_and_unload(safe_merge=True)  # in place: no second copy of the weights
     del model
     got = _forward(merged, batch, device)
 
-    checks = [_exactness(adapter_ref, got, out_dtype)]
-    if quantized_ref is not None:
-        checks.append(_dequantization(quantized_ref, got, m.quantize))
-    notes = []
-    # The model as trained: on the quantized base when there was one, else the merged model
-    # (equal to the adapter on the same weights, checked above).
-    if quantized_ref is None:
-        anchor = _as_trained(run, probe, got[1], out_dtype, notes)
-    else:
-        anchor = _as_trained(run, probe, quantized_ref[1], None, notes)
-    if anchor:
-        checks.append(anchor)
+    checks, notes = _verify(run, probe, got, adapter_ref, quantized_ref, out_dtype, m.quantize)
     ok = all(c["ok"] for c in checks)
     report = {"ok": ok, "run": str(run), "base": base, "dtype": _name(out_dtype),
               "dequantized_from": m.quantize, "device": device.type,
@@ -197,6 +188,22 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", overwrite: 
     return report
 
 
+def _verify(run: Path, probe: list[Example], got: tuple, adapter_ref: tuple,
+            quantized_ref: tuple | None, dtype: torch.dtype, quantize: str | None
+            ) -> tuple[list[dict], list[str]]:
+    """(checks, notes) for merged logits/loss `got` (see the module docstring)."""
+    checks, notes = [_exactness(adapter_ref, got, dtype)], []
+    if quantized_ref is not None:
+        checks.append(_dequantization(quantized_ref, got, quantize))
+    # The model as trained: on the quantized base when there was one, else the merged model
+    # (equal to the adapter on the same weights, checked above).
+    if quantized_ref is None:
+        anchor = _as_trained(run, probe, got[1], dtype, notes)
+    else:
+        anchor = _as_trained(run, probe, quantized_ref[1], None, notes)
+    return checks + ([anchor] if anchor else []), notes
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse, before loading anything, to write into a non-empty directory, unless it is a
     previous merge output and --overwrite says so."""
@@ -216,6 +223,15 @@ def _stored_dtype(config) -> torch.dtype:
     if isinstance(found, str):
         found = getattr(torch, found, None)
     return found if found in EPS else torch.float32
+
+
+def _device_for(model) -> torch.device:
+    """The GPU when the unquantized model fits in its free memory with room to spare (merging
+    there is faster), else the CPU, where the model was loaded."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    return torch.device("cuda" if 1.3 * need < torch.cuda.mem_get_info()[0] else "cpu")
 
 
 def _with_adapter(base, run: Path):

@@ -32,12 +32,12 @@ def require_bitsandbytes(model: Model, adapter: Lora, device_type: str) -> None:
         raise UserError(f"model.quantize={model.quantize}: bitsandbytes failed to load "
                         f"({type(exc).__name__}: {exc}); reinstall it ({INSTALL_HINT})") from None
     version = getattr(bnb, "__version__", "?")
-    # Releases before the multi-backend refactor (0.46) only had CUDA kernels and no such set.
+    # Releases from before bitsandbytes' multi-backend work have no such set: CUDA only.
     supported = getattr(bnb, "supported_torch_devices", {"cuda"})
     if device_type not in supported:
         raise UserError(f"model.quantize={model.quantize}: the installed bitsandbytes {version} "
                         f"cannot run on {device_type} (it supports {', '.join(sorted(supported))});"
-                        " upgrade it (>=0.48 runs 4- and 8-bit on CPU) or train unquantized "
+                        " upgrade it (0.50 runs 4- and 8-bit on CPU) or train unquantized "
                         "(model.quantize=none)")
     if model.quantize == "int8" and adapter.use_dora and device_type == "cpu":
         # Measured with bitsandbytes 0.50: after DoRA's no-grad weight-norm pass the CPU 8-bit
@@ -58,9 +58,9 @@ def compute_dtype(model: Model, device_type: str, bf16_ok: bool) -> tuple[str, l
     elif device_type == "cpu" and chosen != "float32":
         notes.append(f"model.compute_dtype={chosen} on CPU: using float32 (much faster there)")
         chosen = "float32"
-    how = "auto" if model.compute_dtype == "auto" else "set"
-    notes.append(f"{model.quantize} base{' with double quantization' * model.double_quant}, "
-                 f"computing in {chosen} ({how}, {device_type})")
+    how = f" (model.compute_dtype=auto on {device_type})" * (model.compute_dtype == "auto")
+    notes.append(f"{model.quantize} base{' with double quantization' * model.double_quant}: "
+                 f"4-bit layers compute in {chosen}{how}")
     return chosen, notes
 
 
@@ -108,9 +108,3 @@ def keep_cpu_layout_trainable(base) -> int:
             switched += 1
     return switched
 
-
-def is_quantized_linear(module) -> bool:
-    """A bitsandbytes 4- or 8-bit linear layer (the frozen base inside a LoRA layer)."""
-    import bitsandbytes as bnb
-
-    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from peftkit import checkpoint, data, methods, packing, resume as resuming, rundir, signals
+from peftkit import (checkpoint, compiled, data, methods, packing, resume as resuming,
+                     rundir, signals)
 from peftkit.distributed import fsdp_plugin, full_state_dict, uses_fsdp
 from peftkit.batching import BatchStream, Position, collate, loss_tokens, useful_tokens
 from peftkit.config import Recipe
@@ -139,6 +140,8 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     notes += [note] if note else []
     model = prepare_for_training(model, recipe.model, t.gradient_checkpointing)
     peft_model = attach_adapter(model, recipe.adapter)
+    if t.compile:  # after peft: the compiled layers include the adapters (compiled.py)
+        compiled.compile_layers(model)
     initial = methods.initialise(peft_model, recipe.adapter)  # LoftQ; PiSSA/OLoRA start point
     trainable, total = count_parameters(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -181,6 +184,9 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
         log.write(step=0, event="eval", **_scalars(result.evals["before"]))
 
     # --- steps ------------------------------------------------------------------------------
+    # from_pretrained returns the model in eval mode: without this, a run with no eval set
+    # would train with dropout and gradient checkpointing silently off.
+    loss_module.train()
     world = acc.num_processes
     tokens_seen, train_time = 0, 0.0
     # SIGINT/SIGTERM during the steps: finish the step, checkpoint, stop (peftkit/signals.py).

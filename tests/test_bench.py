@@ -28,12 +28,17 @@ def compared(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench, "run_sides", keep)
-        code = main(["bench", "demo", *QUICK, "--steps", "2", "--vs", "hf", "--inline",
-                     "--out", str(out)])
+        code = main(["bench", "demo", *QUICK, "--steps", "2", "--vs", "hf,hf-grouped",
+                     "--inline", "--out", str(out)])
     return code, json.loads(out.read_text()), captured, out
 
 
 def test_bench_compares_the_same_work(compared):
+    import random
+
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
     from peftkit import data, registry
     from peftkit.config import apply_overrides
     from peftkit.modeling import base_path, load_tokenizer
@@ -41,12 +46,20 @@ def test_bench_compares_the_same_work(compared):
     code, result, _, out = compared
     assert code == 0
     assert result["samples"] == 16 and result["steps"] == 2
-    # The token count, independently: the first 16 rows of the demo data as peftkit tokenizes them.
-    recipe = apply_overrides(registry.resolve("demo").recipe, [*QUICK, "data.eval_size=0"])
+    # The samples, independently: 2 of the batches that the Trainer's length grouping forms
+    # over all demo rows, drawn with the recipe's seed.
+    recipe = apply_overrides(registry.resolve("demo").recipe,
+                             [*QUICK, "data.eval=", "data.eval_size=0"])
     tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
     examples, _, _, _ = data.build(recipe.data, tokenizer, recipe.train.seed)
-    assert result["tokens"] == sum(len(e.input_ids) for e in examples[:16])
-    for side in ("peftkit", "hf"):
+    lengths = [len(e.input_ids) for e in examples]
+    order = get_length_grouped_indices(lengths, 8,
+                                       generator=torch.Generator().manual_seed(recipe.train.seed))
+    groups = [order[i:i + 8] for i in range(0, len(order) - 7, 8)]
+    picked = sorted(random.Random(recipe.train.seed).sample(range(len(groups)), 2))
+    assert result["selection"]["batches_picked"] == picked
+    assert result["tokens"] == sum(lengths[i] for g in picked for i in groups[g])
+    for side in ("peftkit", "hf", "hf-grouped"):
         raw = result["raw"][side]
         assert sum(raw["step_tokens"]) == result["tokens"]
         assert len(raw["step_seconds"]) == len(raw["step_loss"]) == 2
@@ -56,9 +69,10 @@ def test_bench_compares_the_same_work(compared):
     ours, theirs = result["sides"]["peftkit"], result["sides"]["hf"]
     assert ours["packed"] and ours["padding_share"] == 0
     assert theirs["padding_share"] > 0  # demo prompts vary in length: the Trainer pads
+    assert result["sides"]["hf-grouped"]["padding_share"] < theirs["padding_share"]
     assert ours["reference_loss"] == pytest.approx(theirs["reference_loss"], rel=1e-4)
     assert (ours["trainable"], ours["total"]) == (theirs["trainable"], theirs["total"])
-    assert result["equal_work"]["ok"] and set(result["ratios"]) == {"hf"}
+    assert result["equal_work"]["ok"] and set(result["ratios"]) == {"hf", "hf-grouped"}
     env = result["environment"]
     assert env["versions"]["torch"] and env["versions"]["transformers"] and env["threads"] >= 1
     assert out.with_suffix(".png").is_file()
@@ -69,7 +83,7 @@ def test_unequal_work_is_refused(compared, tmp_path, monkeypatch, capsys):
     tampered = copy.deepcopy(sides)
     tampered["hf"]["samples"] = tampered["hf"]["samples"][1:]  # one sample never trained
     monkeypatch.setattr(bench, "run_sides", lambda *a, **k: tampered)
-    code = main(["bench", "demo", *QUICK, "--steps", "2", "--vs", "hf", "--inline",
+    code = main(["bench", "demo", *QUICK, "--steps", "2", "--vs", "hf,hf-grouped", "--inline",
                  "--out", str(tmp_path / "r.json")])
     assert code == 1
     assert "refused" in capsys.readouterr().err

@@ -307,6 +307,14 @@ def test_push_without_a_token_is_a_one_line_input_error(failed_push_run, monkeyp
     assert rc == 2 and err.startswith("error: no Hugging Face token")
 
 
+def test_push_at_end_without_a_token_fails_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    rc, _, err = cli(capsys, "train", "demo", *QUICK, f"train.output_dir={tmp_path}",
+                     "hub.repo_id=me/demo-lora", "hub.push_at_end=true")
+    assert rc == 2 and err.startswith("error: no Hugging Face token")
+    assert not (tmp_path / "demo").exists()  # nothing trained, nothing written
+
+
 def test_card_metadata_of_a_real_recipe_names_base_model_and_dataset():
     recipe = apply_overrides(registry.resolve("llama3-8b-lora").recipe, ["hub.license=llama3.1"])
     meta = yaml.safe_load(metadata(recipe))

@@ -43,30 +43,44 @@ def base_part(est):
 
 
 def test_parts_add_up_to_the_total():
-    est = estimate_for(recipe_with())
+    est = estimate_for(recipe_with("model.tiny=true", "model.tiny_size=s"))
     assert est.total == sum(est.parts.values()) == est.to_dict()["total_bytes"]
     assert all(v > 0 for v in est.parts.values()) and est.parts.keys() == est.notes.keys()
     assert est.to_dict()["parts_bytes"] == est.parts
 
 
-def test_nf4_base_is_smaller_than_int8_smaller_than_fp32_for_llama_8b():
-    sizes = {q: base_part(estimate_for(recipe_with(*q), "cuda", bf16_ok=True)) for q in (
-        ("model.quantize=nf4",), ("model.quantize=int8", "model.compute_dtype=auto"),
-        ("model.quantize=none", "model.compute_dtype=auto", "model.dtype=float32"))}
-    nf4, int8, fp32 = sizes.values()
-    assert nf4 < int8 < fp32
-    # Llama-3.1-8B: 6.98e9 params in quantized linears at ~0.52 B (nf4 + double quant), the
-    # 1.05e9 of embeddings + head in float32 after k-bit preparation; 8.03e9 x 4 B in fp32.
-    quantized = estimate_for(recipe_with(), "cuda", bf16_ok=True).parts
-    assert 3.5e9 < quantized["base: quantized linears"] < 3.7e9
-    assert fp32 == 8_030_261_248 * 4
+@pytest.fixture(scope="module")
+def llama_8b():
+    """Llama-3.1-8B on the meta device (no memory), from peftkit's table of shapes."""
+    from transformers import AutoModelForCausalLM
+
+    config, source = base_config(recipe_with())
+    assert "table" in source or "config.json" in source
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
-def test_double_quant_saves_what_qlora_says():
-    with_dq = estimate_for(recipe_with()).parts["base: quantized linears"]
-    without = estimate_for(recipe_with("model.double_quant=false")).parts[
-        "base: quantized linears"]
-    saved_bits = 8 * (without - with_dq) / 6.98e9
+def base_of(model, *overrides) -> int:
+    recipe = recipe_with(*overrides)
+    quantized, other, _ = memory.base_bytes(model, recipe, torch.bfloat16)
+    return quantized + other
+
+
+def test_nf4_base_is_smaller_than_int8_smaller_than_fp32_for_llama_8b(llama_8b):
+    nf4 = base_of(llama_8b, "model.quantize=nf4")
+    int8 = base_of(llama_8b, "model.quantize=int8", "model.compute_dtype=auto")
+    bf16 = base_of(llama_8b, "model.quantize=none", "model.compute_dtype=auto")
+    assert nf4 < int8 < bf16 == 8_030_261_248 * 2  # published parameter count, bf16
+    # 6.98e9 params in quantized linears at ~0.52 B (nf4 + double quant) + the 1.05e9 of
+    # embeddings and head, which k-bit preparation upcasts to float32.
+    quantized, other, _ = memory.base_bytes(llama_8b, recipe_with(), torch.bfloat16)
+    assert 3.5e9 < quantized < 3.7e9 and other == (8_030_261_248 - 6_979_321_856) * 4
+
+
+def test_double_quant_saves_what_qlora_says(llama_8b):
+    with_dq = base_of(llama_8b, "model.quantize=nf4")
+    without = base_of(llama_8b, "model.quantize=nf4", "model.double_quant=false")
+    saved_bits = 8 * (without - with_dq) / 6_979_321_856
     assert 0.35 < saved_bits < 0.4  # QLoRA paper: ~0.37 bit per parameter
 
 
@@ -138,9 +152,10 @@ def test_activation_estimate_matches_what_autograd_saves(dropout):
     assert estimate_for(recipe).parts["activations"] == pytest.approx(saved, rel=0.15)
 
 
-def test_checkpointing_and_quantization_shrink_the_estimate():
-    plain = estimate_for(recipe_with("train.gradient_checkpointing=false"))
-    checkpointed = estimate_for(recipe_with())
+def test_checkpointing_shrinks_the_activations():
+    tiny = ("model.tiny=true", "model.tiny_size=s")
+    plain = estimate_for(recipe_with(*tiny, "train.gradient_checkpointing=false"))
+    checkpointed = estimate_for(recipe_with(*tiny))
     assert checkpointed.parts["activations"] < plain.parts["activations"] / 5
 
 

@@ -156,32 +156,37 @@ def test_collate_packed_layout():
     assert int((batch["labels"][:, 1:] != IGNORE).sum()) == loss_tokens(examples)
 
 
-def test_training_packed_equals_training_padded(tmp_path):
+def test_training_packed_and_compiled_equals_training_padded(tmp_path):
     import json
 
     from peftkit import registry
     from peftkit.config import apply_overrides
     from peftkit.train import train
 
-    def run(path, packing):
+    def run(path, *overrides):
         entry = registry.resolve("demo")
         recipe = apply_overrides(entry.recipe, [
             "model.tiny_size=xs", "data.max_samples=64", "data.eval=", "data.eval_size=0",
             "train.max_steps=3", "train.batch_size=8", "train.warmup_steps=0",
             "train.eval_generate=0", "train.log_every=1", f"train.output_dir={path}",
-            f"data.packing={packing}"])
+            *overrides])
         result = train(recipe, str(entry.path))
         metrics = (result.path / "metrics.jsonl").read_text().splitlines()
         return result, [r["loss"] for r in map(json.loads, metrics) if "loss" in r]
 
-    padded, padded_losses = run(tmp_path / "a", "false")
-    packed, packed_losses = run(tmp_path / "b", "true")
+    padded, padded_losses = run(tmp_path / "a", "data.packing=false")
+    packed, packed_losses = run(tmp_path / "b", "data.packing=true")
     assert len(packed_losses) == 3
     assert packed_losses == pytest.approx(padded_losses, rel=1e-5)
     a, b = (dict((n, p.detach()) for n, p in r.model.named_parameters() if p.requires_grad)
             for r in (padded, packed))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+    # train.compile: the same training steps through inductor-compiled decoder layers.
+    compiled, compiled_losses = run(tmp_path / "c", "data.packing=true", "train.compile=true")
+    assert compiled_losses == pytest.approx(packed_losses, rel=1e-5)
+    layers = compiled.model.get_base_model().model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
 
 
 # --- the chunked LM head --------------------------------------------------------------------

@@ -84,15 +84,30 @@ def test_qlora_trains_while_the_quantized_base_stays_bit_identical(qlora_run):
     assert not [w for w in caught if "use_reentrant" in w]
 
 
-def test_every_layer_learns_after_an_evaluation(qlora_run):
-    """The held-out evaluation before training runs the 4-bit layers without gradients; on
-    CPUs with AVX512-BF16 bitsandbytes would then repack them into a layout with no backward,
-    and the adapters below the top layer would get no gradient (quantize.py)."""
-    _, result, _ = qlora_run
-    lora_b = {n: p for n, p in result.model.named_parameters() if "lora_B" in n}
-    first = [n for n in lora_b if ".layers.0.self_attn.q_proj" in n]
-    assert first and all(lora_b[n].abs().sum() > 0 for n in first)
-    assert all(p.abs().sum() > 0 for p in lora_b.values())
+def test_an_evaluation_does_not_change_the_training_gradients():
+    """A held-out evaluation runs the 4-bit layers without gradients; on CPUs with AVX512-BF16,
+    bitsandbytes would then repack their weights into an inference layout with no backward,
+    and training after it would get wrong gradients (quantize.keep_cpu_layout_trainable)."""
+    model = tiny_model("nf4")
+    base = load_model(base_path(model), model, torch.float32, torch.float32, "cpu")
+    peft_model = attach_adapter(prepare_for_training(base, model, False),
+                                replace(registry.resolve(QLORA).recipe.adapter, dropout=0.0,
+                                        init="gaussian"))
+    ids = torch.randint(3, 4000, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def gradients():
+        peft_model.train()
+        peft_model.zero_grad()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    fresh = gradients()
+    peft_model.eval()
+    with torch.no_grad():
+        peft_model(input_ids=ids)
+    after = gradients()
+    assert all(torch.allclose(fresh[n], after[n], atol=1e-6, rtol=1e-5) for n in fresh)
+    assert any(g.abs().sum() > 0 for n, g in fresh.items() if ".layers.0.self_attn.q_proj" in n)
 
 
 def test_saved_qlora_adapter_loads_in_plain_peft_with_same_logits(qlora_run):
@@ -163,5 +178,5 @@ def test_compute_dtype_auto_is_float32_on_cpu_and_bf16_on_a_bf16_gpu():
     cpu = resolve_precision(model, launch, "cpu")
     gpu = resolve_precision(model, launch, "cuda", bf16_ok=True)
     assert cpu.compute_dtype == torch.float32 and gpu.compute_dtype == torch.bfloat16
-    assert any("computing in float32" in n for n in cpu.notes)
+    assert any("compute in float32 (model.compute_dtype=auto on cpu)" in n for n in cpu.notes)
     assert resolve_precision(replace(model, quantize=None), launch, "cpu").compute_dtype is None

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,18 +25,10 @@ sys.path.insert(0, str(HERE))
 import suite  # noqa: E402
 
 
-def wait_for_quiet(max_load: float, max_wait: float) -> float:
-    waited = 0.0
-    while os.getloadavg()[0] > max_load and waited < max_wait:
-        print(f"load {os.getloadavg()[0]:.2f} > {max_load}: waiting", file=sys.stderr, flush=True)
-        time.sleep(30)
-        waited += 30
-    return os.getloadavg()[0]
-
-
 def load_results() -> list[dict]:
     order = {e.slug: i for i, e in enumerate(suite.entries())}
-    results = [json.loads(p.read_text()) for p in RESULTS.glob("*.json")]
+    results = [json.loads(p.read_text()) for p in RESULTS.glob("*.json")
+               if not p.name.startswith("ablation-")]
     return sorted(results, key=lambda r: order.get(r.get("slug"), len(order)))
 
 
@@ -48,10 +38,15 @@ def markdown() -> str:
     results = load_results()
     if not results:
         return "(no results yet: run python benchmarks/run.py)"
+    from ablation import markdown as ablation_table
+
     env = results[0]["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    return (table(results) + f"\n\n{env['device']}, {env['threads']} threads; {versions}; "
+    text = (table(results) + f"\n\n{env['device']}, {env['threads']} threads; {versions}; "
             f"commit {str(env['git_commit'])[:10]}{' (dirty)' if env['git_dirty'] else ''}.")
+    for path in sorted(RESULTS.glob("ablation-*.json")):
+        text += "\n\n" + ablation_table(json.loads(path.read_text()))
+    return text
 
 
 def main() -> int:
@@ -75,7 +70,7 @@ def main() -> int:
     for entry in suite.entries():
         if args.only not in entry.label:
             continue
-        load = wait_for_quiet(args.max_load, args.max_wait)
+        load = suite.wait_for_quiet(args.max_load, args.max_wait)
         print(f"== {entry.label} (load {load:.2f})", file=sys.stderr, flush=True)
         found = registry.resolve(entry.path)
         recipe = apply_overrides(found.recipe, list(entry.overrides))

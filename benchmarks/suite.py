@@ -8,6 +8,9 @@ base through bitsandbytes). Sized to run in minutes on a 2-core CPU.
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,3 +50,14 @@ def entries() -> list[Entry]:
         Entry("small / fixed-256 / LoRA", "small.py", fixed(), vs=("hf",), steps=8),
         Entry("small / varlen / QLoRA-nf4", "small.py", ("model.quantize=nf4",), steps=8),
     ]
+
+
+def wait_for_quiet(max_load: float, max_wait: float) -> float:
+    """Wait (up to `max_wait` s) for the 1-minute load average to fall to `max_load`: the
+    machine may be shared. Returns the load when the wait ended."""
+    waited = 0.0
+    while os.getloadavg()[0] > max_load and waited < max_wait:
+        print(f"load {os.getloadavg()[0]:.2f} > {max_load}: waiting", file=sys.stderr, flush=True)
+        time.sleep(30)
+        waited += 30
+    return os.getloadavg()[0]

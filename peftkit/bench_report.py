@@ -97,9 +97,9 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown(results: list[dict]) -> str:
     """One row per benchmark: the table of README.md (sides missing from a result show -)."""
-    lines = ["| benchmark | tokens/s: peftkit | Trainer | Trainer grouped | peftkit speed-up "
-             "| peak memory GB: peftkit | Trainer | MFU: peftkit | Trainer | mean loss: peftkit "
-             "| Trainer | load |",
+    lines = ["| benchmark | tokens/s: peftkit | Trainer | Trainer grouped "
+             "| speed-up vs Trainer / grouped | peak memory GB: peftkit | Trainer "
+             "| MFU: peftkit | Trainer | mean loss: peftkit | Trainer | load |",
              "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in results:
         sides = r["sides"]

@@ -39,11 +39,14 @@ def _peftkit(recipe: Recipe, source: str) -> dict:
     base = model.get_base_model()
     packed = recipe.data.packing and base.config._attn_implementation in packing.PACKED_KERNELS
 
-    # Which samples were trained: the stream is at the end of epoch 0 after exactly one pass.
+    # Which samples were trained: all of them, once, if the data holds exactly the samples of
+    # the run and the stream stopped at the end of epoch 0 (bench.select_samples wrote them).
     tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
     examples, _, _, _ = data.build(recipe.data, tokenizer, recipe.train.seed)
-    used = examples if (state["epoch"], state["index"]) == (0, len(steps) *
-                                                            recipe.train.grad_accum) else []
+    windows = len(steps) * recipe.train.grad_accum
+    one_pass = (len(examples) == windows * recipe.train.batch_size
+                and (state["epoch"], state["index"]) == (0, windows))
+    used = examples if one_pass else []
     # The objective on an identical batch (the first samples, data order), adapter off.
     model.eval()
     first = examples[:recipe.train.batch_size]

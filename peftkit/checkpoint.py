@@ -248,16 +248,33 @@ def verify(path: Path) -> dict:
                         f"{exc}); {EARLIER}") from exc
 
 
-def load(path: Path, peft_model, optimizer, scheduler, accelerator) -> tuple[int, Position]:
-    """Restore a checkpoint written by `save`; returns (step, data position).
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UserError(f"{path}: cannot restore the checkpoint ({type(exc).__name__}: "
+                     f"{first[:200]}); {EARLIER}")
 
-    Only tensors and plain containers are read: safetensors for the adapter and
-    `torch.load(weights_only=True)` for the rest, which refuses arbitrary pickled objects.
-    """
+
+def load_adapter(path: Path, peft_model) -> None:
+    """Put the checkpoint's adapter weights into `peft_model` (before `prepare`, so that FSDP
+    shards the restored weights). Call `verify` first."""
     from peft import set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        set_peft_model_state_dict(
+            peft_model, load_file(path / "adapter" / "adapter_model.safetensors"))
+    except (SafetensorError, RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def load(path: Path, optimizer, scheduler, accelerator) -> tuple[int, Position]:
+    """Restore the rest of a checkpoint written by `save` (after `load_adapter` and
+    `prepare`); returns (step, data position).
+
+    Only tensors and plain containers are read: safetensors for the adapter and
+    `torch.load(weights_only=True)` for the rest, which refuses arbitrary pickled objects.
+    """
     state = verify(path)
     if state["world_size"] != accelerator.num_processes:
         raise UserError(f"{path} was written by {state['world_size']} processes, this run has "
@@ -268,16 +285,11 @@ def load(path: Path, peft_model, optimizer, scheduler, accelerator) -> tuple[int
         optim_file = path / f"optimizer-rank{rank}.pt"
     scaler = getattr(accelerator, "scaler", None)
     try:
-        set_peft_model_state_dict(
-            peft_model, load_file(path / "adapter" / "adapter_model.safetensors"))
         optimizer.load_state_dict(torch.load(optim_file, weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if scaler is not None and (path / "scaler.pt").is_file():
             scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=True))
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, ValueError, KeyError,
-            OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(f"{path}: cannot restore the checkpoint ({type(exc).__name__}: "
-                        f"{first[:200]}); {EARLIER}") from exc
+    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise _unreadable(path, exc) from exc
     return state["step"], Position(state["epoch"], state["index"])

@@ -146,7 +146,8 @@ class Launch:
     num_processes: int = _f(1, "processes per machine (one per GPU) started by `peftkit train`; "
                                "--nproc overrides it")
     strategy: str = _f("ddp", "how processes share the work: ddp replicates the model; fsdp "
-                              "(FSDP2, CUDA only) shards it, wrapping each decoder layer",
+                              "(FSDP2) shards it, one unit per decoder layer (GPUs, or 2+ "
+                              "CPU processes over gloo)",
                        ("ddp", "fsdp"))
     mixed_precision: str = _f("auto", "autocast precision; auto = bf16 on a bf16-capable GPU, "
                                       "no on CPU", ("auto", "no", "bf16", "fp16"))

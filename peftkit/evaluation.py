@@ -15,16 +15,28 @@ def metric_path(name: str) -> str:
     return str(resources.files("peftkit") / "assets" / "metrics" / name / f"{name}.py")
 
 
+def my_share(items: list, accelerator) -> tuple[list, int]:
+    """This process's share of `items`, padded with repeats of the first item to the length
+    of the largest share (so every process runs the same number of forwards, as FSDP's
+    collectives require); returns (share, how many of them are real)."""
+    mine = items[accelerator.process_index::accelerator.num_processes]
+    longest = -(-len(items) // accelerator.num_processes)
+    return mine + items[:1] * (longest - len(mine)), len(mine)
+
+
 @torch.no_grad()
 def eval_loss(accelerator, loss_module, examples: list[Example], batch_size: int,
               pad_id: int) -> float:
     """Mean next-token loss over every labelled token of `examples`, all processes together."""
     loss_module.eval()
-    mine = examples[accelerator.process_index::accelerator.num_processes]
+    mine, real = my_share(examples, accelerator)
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for start in range(0, len(mine), batch_size):
-        batch = {k: v.to(accelerator.device)
-                 for k, v in collate(mine[start:start + batch_size], pad_id).items()}
+        chunk = mine[start:start + batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collate(chunk, pad_id).items()}
+        if start + len(chunk) > real:  # padding rows (see my_share) count for nothing
+            keep = torch.arange(start, start + len(chunk)) < real
+            batch["labels"][~keep.to(accelerator.device)] = -100
         loss_sum, count = loss_module(**batch)
         total += torch.stack([loss_sum.double(), count.double()])
     total = accelerator.reduce(total, reduction="sum")
@@ -34,8 +46,9 @@ def eval_loss(accelerator, loss_module, examples: list[Example], batch_size: int
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[Prompt], max_new_tokens: int,
-                     device, batch_size: int = 64) -> list[str]:
-    """Greedy completions of `prompts` (token ids), decoded without special tokens."""
+                     device, batch_size: int = 64, synced: bool = False) -> list[str]:
+    """Greedy completions of `prompts` (token ids), decoded without special tokens.
+    `synced`: every process keeps stepping until all have finished (FSDP shards)."""
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -51,7 +64,7 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], max_new_tokens: in
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                              pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     model.train(was_training)
     return [a.strip() for a in answers]
@@ -63,8 +76,12 @@ def exact_match(accelerator, model, tokenizer, prompts: list[Prompt],
     import evaluate
     from accelerate.utils import gather_object
 
-    mine = prompts[accelerator.process_index::accelerator.num_processes]
-    answers = generate_answers(model, tokenizer, mine, max_new_tokens, accelerator.device)
+    from peftkit.distributed import uses_fsdp
+
+    mine, real = my_share(prompts, accelerator)
+    answers = generate_answers(model, tokenizer, mine, max_new_tokens, accelerator.device,
+                               synced=uses_fsdp(accelerator))
+    mine, answers = mine[:real], answers[:real]
     rows = gather_object([(tokenizer.decode(p.input_ids, skip_special_tokens=True), a,
                            p.reference) for p, a in zip(mine, answers)])
     metric = evaluate.load(metric_path("exact_match"))

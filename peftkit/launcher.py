@@ -31,6 +31,7 @@ class Topology:
     main_process_ip: str | None = None
     main_process_port: int | None = None
     config_file: str | None = None
+    fsdp: bool = False
 
 
 def in_distributed_worker() -> bool:
@@ -56,7 +57,11 @@ def accelerate_command(topology: Topology, train_args: list[str], cuda: bool) ->
         cmd += ["--main_process_port", str(t.main_process_port)]
     if not t.config_file:
         cmd += ["--dynamo_backend", "no"]
-        if t.nproc * t.num_machines > 1:
+        if t.fsdp and cuda and t.nproc * t.num_machines == 1:
+            # One GPU: FSDP still needs the distributed environment accelerate sets up for it
+            # (the wrapping and sharding then run with a world size of one).
+            cmd += ["--use_fsdp", "--fsdp_version", "2"]
+        elif t.nproc * t.num_machines > 1:
             # On CPU, `--cpu --num_processes N` starts ONE process; `--multi_gpu` with
             # ACCELERATE_USE_CPU starts N real gloo workers.
             cmd += ["--multi_gpu"]

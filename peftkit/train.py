@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from peftkit import (checkpoint, compiled, data, methods, packing, resume as resuming,
-                     rundir, signals)
-from peftkit.distributed import fsdp_plugin, full_state_dict, uses_fsdp
+from peftkit import (checkpoint, compiled, data, distributed, methods, packing,
+                     resume as resuming, rundir, signals)
+from peftkit.distributed import full_state_dict
 from peftkit.batching import BatchStream, Position, collate, loss_tokens, useful_tokens
 from peftkit.config import Recipe
 from peftkit.errors import RunError, UserError
@@ -59,9 +59,11 @@ def make_accelerator(recipe: Recipe):
     # auto follows it only when the user asked for something explicitly.
     launcher_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     follow_launcher = recipe.launch.mixed_precision == "auto" and launcher_choice != "no"
+    plugin = distributed.fsdp_plugin(recipe)
     accelerator = Accelerator(
         mixed_precision=None if follow_launcher else precision.mixed_precision,
-        fsdp_plugin=fsdp_plugin(recipe, device_type), **tracking.accelerator_args(recipe))
+        fsdp_plugin=plugin, **tracking.accelerator_args(recipe))
+    distributed.activate(accelerator, plugin)
     return accelerator, precision
 
 
@@ -103,9 +105,6 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     saved = checkpoint.verify(resume_from) if resume_from is not None else None
     if saved is not None:
         notes += resuming.check_recipe(resume_from, saved, recipe, acc.num_processes, path)
-    if resume_from is not None and uses_fsdp(acc):
-        raise UserError("--resume under FSDP is not supported yet (adapter weights would be "
-                        "loaded into already-sharded parameters); resume with strategy=ddp")
     # A new run directory, unless resuming this run (not when branching off another's).
     fresh = resume_from is None or not resuming.continues(path, resume_from)
     if fresh:
@@ -150,19 +149,24 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     # accelerate's wrapper would step it once per process.
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=steps)
+    if resume_from is not None:  # adapter weights go in before FSDP shards them
+        checkpoint.load_adapter(resume_from, peft_model)
     loss_module, optimizer = acc.prepare(TokenLoss(peft_model), optimizer)
+    # FSDP2 replaces the parameters with sharded ones: clip and check those, not the old.
+    params = [p for p in loss_module.parameters() if p.requires_grad]
 
     start = 0
     if resume_from is not None:
-        start, stream.position = checkpoint.load(resume_from, peft_model, optimizer.optimizer,
-                                                 scheduler, acc)
+        start, stream.position = checkpoint.load(resume_from, optimizer.optimizer, scheduler,
+                                                 acc)
 
     show = TrainProgress(steps, start, enabled=main, log_every=t.log_every, console=console)
     for note in notes:
         show.note(f"[yellow]note:[/] {note}")
     show.note(f"[bold]{recipe.name}[/]: {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.2f}%), {len(train_ex):,} train / {len(eval_ex):,} "
-              f"eval samples, {steps} steps on {acc.num_processes} x {acc.device.type}")
+              f"eval samples, {steps} steps on {acc.num_processes} x {acc.device.type}"
+              f"{distributed.sharding_note(acc, loss_module)}")
     result = RunResult(path=path, steps=steps, trainable=trainable, total=total,
                        data=stats.to_dict())
     if start == 0:

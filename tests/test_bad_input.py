@@ -208,6 +208,14 @@ CASES = [
      ["model.arch='gpt9'", "no tiny form", "llama"]),
     ("targets matching no module", None, [*TRAIN, "adapter.targets=no_such_proj"],
      ["adapter.targets='no_such_proj'"]),
+    # --- distribution strategy (refused before any worker starts) ----------------------------
+    ("fsdp on one CPU process", None, [*TRAIN, "launch.strategy=fsdp"],
+     ["launch.strategy=fsdp", "--nproc 2", "launch.strategy=ddp"]),
+    ("fsdp with uint8 4-bit storage", None,
+     ["train", "llama3-8b-qlora", "model.tiny=true", "launch.strategy=fsdp", "--nproc", "2"],
+     ["FSDP with a quantized base", "model.quant_storage"]),
+    ("fsdp with compile", None, [*TRAIN, "launch.strategy=fsdp", "train.compile=true",
+                                 "--nproc", "2"], ["train.compile=true", "train.compile=false"]),
     # --- command-line arguments -------------------------------------------------------------
     ("unknown command", None, ["trian", "demo"], ["invalid choice: 'trian'", "--help"]),
     ("train without recipe", None, ["train"], ["required: recipe"]),

@@ -1,10 +1,12 @@
-"""Two real gloo DDP processes on CPU, started the way users start them (`--nproc 2`).
+"""Two real gloo processes on CPU, started the way users start them (`--nproc 2`): DDP, and
+FSDP2 (torch's fully_shard over gloo, through accelerate's FSDP2 path).
 
-Each launch costs ~15-30 s (two workers importing torch/transformers), so there are two.
+Each launch costs ~15-30 s (two workers importing torch/transformers), so there are five.
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,9 +23,9 @@ SETTINGS = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0
             "train.max_steps=4", "train.save_every=2", "train.scheduler=linear"]
 
 
-def launch(out, *extra):
-    """`peftkit train demo --nproc 2` in a subprocess; returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "peftkit", "train", "demo", "--nproc", "2", *SETTINGS,
+def launch(out, *extra, name="demo", settings=SETTINGS):
+    """`peftkit train NAME --nproc 2` in a subprocess; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "peftkit", "train", name, "--nproc", "2", *settings,
            "train.batch_size=4", f"train.output_dir={out}", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ)
 
@@ -95,3 +97,71 @@ def test_two_process_resume_continues_the_trajectory(ddp_run, tmp_path):
     assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-6)
     a, b = adapter(copy), adapter(path)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    proc = launch(out, "launch.strategy=fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "demo", proc
+
+
+def test_fsdp_trains_the_same_adapter_as_ddp_with_sharded_state(fsdp_run, ddp_run):
+    fsdp_path, proc = fsdp_run
+    ddp_path, _ = ddp_run
+    held, whole = re.search(r"on 2 x cpu \(FSDP2: this process holds ([\d.]+) MB of "
+                            r"([\d.]+) MB of weights\)", " ".join(proc.stderr.split())).groups()
+    assert float(held) == pytest.approx(float(whole) / 2, rel=0.02)
+    fsdp, ddp = step_losses(fsdp_path), step_losses(ddp_path)
+    assert [fsdp[s] for s in sorted(fsdp)] == pytest.approx([ddp[s] for s in sorted(ddp)],
+                                                            rel=1e-5)
+    a, b = adapter(fsdp_path), adapter(ddp_path)  # gathered from the shards, saved once
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+    # Each process wrote its own optimizer shard: about half of DDP's full optimizer state.
+    ckpt, full = fsdp_path / "checkpoints" / "step-4", ddp_path / "checkpoints" / "step-4"
+    shards = sorted(ckpt.glob("optimizer-rank*.pt"))
+    assert [p.name for p in shards] == ["optimizer-rank0.pt", "optimizer-rank1.pt"]
+    assert not (ckpt / "optimizer.pt").exists()
+    whole = (full / "optimizer.pt").stat().st_size
+    assert all(p.stat().st_size < 0.75 * whole for p in shards)
+
+
+def test_fsdp_resume_continues_the_trajectory(fsdp_run, tmp_path):
+    path, _ = fsdp_run
+    copy = tmp_path / "demo"
+    shutil.copytree(path, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-4")
+    proc = launch(tmp_path, "launch.strategy=fsdp", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-6)
+    a, b = adapter(copy), adapter(path)
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+QLORA = ["model.tiny=true", "model.tiny_size=xs", "model.dtype=float32",
+         "model.compute_dtype=float32", "model.quant_storage=float32", "data.format=chat",
+         "data.train=peftkit:data/sort_reverse/train.jsonl", "data.max_samples=256",
+         "data.max_len=64", "data.eval_size=32", "train.max_steps=3", "train.warmup_steps=0",
+         "train.log_every=1", "adapter.dropout=0.0"]
+
+
+def test_fsdp_qlora_shards_a_4bit_base_and_equals_one_process(tmp_path):
+    """FSDP2 over an nf4 base (packed weights stored as float32 so they shard with the rest)
+    trains the same adapter as one process with the same global batch."""
+    pytest.importorskip("bitsandbytes")
+    proc = launch(tmp_path / "fsdp", "launch.strategy=fsdp", name="llama3-8b-qlora",
+                  settings=QLORA)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(FSDP2: this process holds" in proc.stderr
+    entry = registry.resolve("llama3-8b-qlora")
+    single = train(apply_overrides(entry.recipe, [*QLORA, "train.batch_size=8",
+                                                   f"train.output_dir={tmp_path / 'one'}"]))
+    sharded = tmp_path / "fsdp" / "llama3-8b-qlora"
+    assert step_losses(sharded) == pytest.approx(step_losses(single.path), rel=1e-5)
+    a, b = adapter(sharded), adapter(single.path)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name

@@ -238,8 +238,9 @@ def test_a_crash_anywhere_in_save_leaves_the_newest_complete_checkpoint(tmp_path
     assert step in (2, 3)
     # Restore into a freshly changed model: it gets exactly the weights of that step.
     small_state.advance()
-    loaded, position = checkpoint.load(newest, small_state.model, small_state.optimizer,
-                                       small_state.scheduler, ONE_PROCESS)
+    checkpoint.load_adapter(newest, small_state.model)
+    loaded, position = checkpoint.load(newest, small_state.optimizer, small_state.scheduler,
+                                       ONE_PROCESS)
     assert (loaded, position) == (step, Position(0, step))
     for name, value in small_state.weights().items():
         assert torch.equal(value, kept[step][name]), name
@@ -266,8 +267,8 @@ def test_a_crash_while_replacing_a_checkpoint_of_the_same_step(tmp_path, monkeyp
     assert not (root / "step-2").exists()
     checkpoint.clean_stale(root)  # puts the moved-aside copy back
     assert [p.name for p in root.iterdir()] == ["step-2"]
-    checkpoint.load(root / "step-2", small_state.model, small_state.optimizer,
-                    small_state.scheduler, ONE_PROCESS)
+    checkpoint.load_adapter(root / "step-2", small_state.model)
+    checkpoint.load(root / "step-2", small_state.optimizer, small_state.scheduler, ONE_PROCESS)
     assert all(torch.equal(v, old[n]) for n, v in small_state.weights().items())
 
 

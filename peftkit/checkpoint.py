@@ -110,13 +110,15 @@ def save(root: Path, step: int, position: Position, peft_model, optimizer, sched
          extra: dict | None = None) -> Path:
     """Write checkpoint `step` under `root` (all processes call this; each writes its RNG).
 
-    `state_dict` is the full adapter state gathered from FSDP shards (None under DDP);
-    `extra` goes into state.json. A failed write (disk full, permissions) discards the
-    temporary directory and raises RunError; earlier checkpoints are untouched.
+    `state_dict` is the full adapter state gathered from sharded weights (None where every
+    process holds them); `extra` goes into state.json. A failed write (disk full, permissions)
+    discards the temporary directory and raises RunError; earlier checkpoints are untouched.
     """
+    from peftkit.distributed import shards_optimizer
+
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     main, rank = accelerator.is_main_process, accelerator.process_index
-    sharded = state_dict is not None
+    sharded = shards_optimizer(accelerator)
     scaler = getattr(accelerator, "scaler", None)  # fp16 only
 
     def start():
@@ -126,7 +128,7 @@ def save(root: Path, step: int, position: Position, peft_model, optimizer, sched
 
     def write():
         torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-        if sharded:  # FSDP: each process holds (and writes) its own shard of the optimizer
+        if sharded:  # FSDP, ZeRO: each process holds (and writes) its optimizer shard
             torch.save(optimizer.state_dict(), tmp / f"optimizer-rank{rank}.pt")
         if not main:
             return
@@ -275,17 +277,20 @@ def load(path: Path, optimizer, scheduler, accelerator) -> tuple[int, Position]:
     Only tensors and plain containers are read: safetensors for the adapter and
     `torch.load(weights_only=True)` for the rest, which refuses arbitrary pickled objects.
     """
+    from peftkit.distributed import checkpoint_classes, load_optimizer_state
+
     state = verify(path)
     if state["world_size"] != accelerator.num_processes:
         raise UserError(f"{path} was written by {state['world_size']} processes, this run has "
                         f"{accelerator.num_processes}; resume with the same number")
     rank = accelerator.process_index
     optim_file = path / "optimizer.pt"
-    if not optim_file.is_file():  # written sharded, one file per process (FSDP)
+    if not optim_file.is_file():  # written sharded, one file per process (FSDP, ZeRO)
         optim_file = path / f"optimizer-rank{rank}.pt"
     scaler = getattr(accelerator, "scaler", None)
     try:
-        optimizer.load_state_dict(torch.load(optim_file, weights_only=True))
+        with torch.serialization.safe_globals(checkpoint_classes(accelerator)):
+            load_optimizer_state(accelerator, optimizer, torch.load(optim_file, weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if scaler is not None and (path / "scaler.pt").is_file():
             scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))

@@ -179,21 +179,21 @@ def cmd_train(args) -> int:
     if args.nproc < 0 or args.num_machines < 1:
         raise UserError("--nproc and --num_machines must be positive")
     nproc = args.nproc or recipe.launch.num_processes
-    fsdp = distributed.fsdp_asked(recipe)
-    if (nproc * args.num_machines > 1 or fsdp) and not launcher.in_distributed_worker():
+    strategy = distributed.check(recipe)  # its refusals come before N workers start
+    sharded = strategy != "ddp"
+    if (nproc * args.num_machines > 1 or sharded) and not launcher.in_distributed_worker():
         import torch
 
         cuda = torch.cuda.is_available()
-        if fsdp:
-            distributed.fsdp_plugin(recipe)  # its refusals, before N workers start
-            if not cuda and nproc * args.num_machines < 2:
-                raise UserError("launch.strategy=fsdp shards the model across processes: on "
-                                "CPU run it with --nproc 2 or more, or use launch.strategy=ddp")
+        if sharded and not cuda and nproc * args.num_machines < 2:
+            raise UserError(f"launch.strategy={strategy} shards the training state across "
+                            "processes: on CPU run it with --nproc 2 or more, or use "
+                            "launch.strategy=ddp")
         if not args.resume:  # fail now, not in N workers after 10 s of imports each
             rundir.check_target(rundir.run_dir(recipe), args.overwrite)
         topology = launcher.Topology(nproc, args.num_machines, args.machine_rank,
                                      args.main_process_ip, args.main_process_port,
-                                     args.accelerate_config, fsdp)
+                                     args.accelerate_config, strategy, recipe.launch.zero_stage)
         return launcher.run(topology, _worker_args(args), cuda=cuda)
 
     from peftkit.train import train

@@ -146,9 +146,11 @@ class Launch:
     num_processes: int = _f(1, "processes per machine (one per GPU) started by `peftkit train`; "
                                "--nproc overrides it")
     strategy: str = _f("ddp", "how processes share the work: ddp replicates the model; fsdp "
-                              "(FSDP2) shards it, one unit per decoder layer (GPUs, or 2+ "
-                              "CPU processes over gloo)",
-                       ("ddp", "fsdp"))
+                              "(FSDP2) shards it, one unit per decoder layer; deepspeed shards "
+                              "by launch.zero_stage (GPUs, or 2+ CPU processes over gloo)",
+                       ("ddp", "fsdp", "deepspeed"))
+    zero_stage: int = _f(2, "launch.strategy=deepspeed: ZeRO stage (1 = optimizer state "
+                            "sharded, 2 = + gradients, 3 = + weights)", (1, 2, 3))
     mixed_precision: str = _f("auto", "autocast precision; auto = bf16 on a bf16-capable GPU, "
                                       "no on CPU", ("auto", "no", "bf16", "fp16"))
     hardware: str = _f("any", "what the recipe is sized for, shown in `peftkit ls`")

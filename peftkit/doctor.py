@@ -15,7 +15,7 @@ import time
 from importlib import metadata
 
 LIBRARIES = ("peftkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes",
-             "datasets", "evaluate", "huggingface_hub", "safetensors", "tokenizers")
+             "deepspeed", "datasets", "evaluate", "huggingface_hub", "safetensors", "tokenizers")
 HUB_TIMEOUT_S = 3.0
 
 

@@ -76,11 +76,11 @@ def exact_match(accelerator, model, tokenizer, prompts: list[Prompt],
     import evaluate
     from accelerate.utils import gather_object
 
-    from peftkit.distributed import uses_fsdp
+    from peftkit.distributed import shards_weights
 
     mine, real = my_share(prompts, accelerator)
     answers = generate_answers(model, tokenizer, mine, max_new_tokens, accelerator.device,
-                               synced=uses_fsdp(accelerator))
+                               synced=shards_weights(accelerator))
     mine, answers = mine[:real], answers[:real]
     rows = gather_object([(tokenizer.decode(p.input_ids, skip_special_tokens=True), a,
                            p.reference) for p, a in zip(mine, answers)])

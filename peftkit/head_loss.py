@@ -66,7 +66,8 @@ def _plain(head: nn.Module, hidden, targets, softcap: float | None):
 def _fusable(head: nn.Module) -> bool:
     weight = getattr(head, "weight", None)
     return (type(head) is nn.Linear and head.bias is None and not weight.requires_grad
-            and not hasattr(weight, "device_mesh"))  # a sharded (FSDP) weight: use the module
+            # a sharded weight (FSDP DTensor, ZeRO-3 partition): the module gathers it
+            and not hasattr(weight, "device_mesh") and not hasattr(weight, "ds_id"))
 
 
 def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,

@@ -31,7 +31,8 @@ class Topology:
     main_process_ip: str | None = None
     main_process_port: int | None = None
     config_file: str | None = None
-    fsdp: bool = False
+    strategy: str = "ddp"
+    zero_stage: int = 2
 
 
 def in_distributed_worker() -> bool:
@@ -57,7 +58,14 @@ def accelerate_command(topology: Topology, train_args: list[str], cuda: bool) ->
         cmd += ["--main_process_port", str(t.main_process_port)]
     if not t.config_file:
         cmd += ["--dynamo_backend", "no"]
-        if t.fsdp and cuda and t.nproc * t.num_machines == 1:
+        if t.strategy == "deepspeed":
+            # accelerate's DeepSpeed launcher starts N workers on CPU too (its --multi_gpu
+            # cannot be combined with it, and ACCELERATE_USE_CPU would switch DeepSpeed off).
+            cmd += ["--use_deepspeed", "--zero_stage", str(t.zero_stage)]
+            if not cuda:
+                env["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed would guess, with a warning
+                cmd += ["--mixed_precision", "no"]
+        elif t.strategy == "fsdp" and cuda and t.nproc * t.num_machines == 1:
             # One GPU: FSDP still needs the distributed environment accelerate sets up for it
             # (the wrapping and sharding then run with a world size of one).
             cmd += ["--use_fsdp", "--fsdp_version", "2"]

@@ -161,12 +161,13 @@ def estimate(recipe: Recipe, config, precision) -> Estimate:
     with `precision` from `modeling.resolve_precision` for the target device."""
     from transformers import AutoModelForCausalLM
 
+    from peftkit.distributed import plain_construction
     from peftkit.modeling import attach_adapter
 
     config = copy.deepcopy(config)  # a loaded base's config may say how it was quantized
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with torch.device("meta"):
+    with torch.device("meta"), plain_construction():
         model = AutoModelForCausalLM.from_config(config)
         quantized, other, largest = base_bytes(model, recipe, precision.dtype)
         peft_model = attach_adapter(model, recipe.adapter)

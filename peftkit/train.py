@@ -59,11 +59,15 @@ def make_accelerator(recipe: Recipe):
     # auto follows it only when the user asked for something explicitly.
     launcher_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     follow_launcher = recipe.launch.mixed_precision == "auto" and launcher_choice != "no"
-    plugin = distributed.fsdp_plugin(recipe)
-    accelerator = Accelerator(
-        mixed_precision=None if follow_launcher else precision.mixed_precision,
-        fsdp_plugin=plugin, **tracking.accelerator_args(recipe))
-    distributed.activate(accelerator, plugin)
+    try:
+        accelerator = Accelerator(
+            mixed_precision=None if follow_launcher else precision.mixed_precision,
+            **distributed.accelerator_args(recipe, device_type),
+            **tracking.accelerator_args(recipe))
+    except ValueError as exc:  # accelerate's verdict on the launch or accelerate config
+        raise UserError(f"accelerate rejected the setup: {str(exc).strip().splitlines()[0]}") \
+            from None
+    distributed.activate(accelerator, recipe)
     return accelerator, precision
 
 
@@ -212,12 +216,12 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
                 # The step's loss is the mean over every labelled token of the global batch:
                 # gradients are summed over the window and averaged over processes (hence
                 # x world), so each micro-batch contributes its summed loss / global count.
-                acc.backward(loss_sum * world / max(n_loss, 1))
+                distributed.backward(acc, loss_sum * world / max(n_loss, 1), last=sync)
             loss_total += loss_sum.detach()
         # Without clipping, an infinite max norm still measures the norm (for the check below).
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or math.inf)
         loss = acc.reduce(loss_total, reduction="sum").item() / max(n_loss, 1)
-        if not math.isfinite(loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             show.close()
             raise TrainingDiverged(_diverged_message(step, path))
         optimizer.step()
@@ -243,7 +247,7 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
             _check_finite(acc, params, step, path)  # never checkpoint a broken adapter
             checkpoint.save(path / "checkpoints", step, stream.position, peft_model,
                             optimizer.optimizer, scheduler, acc, t.keep_checkpoints,
-                            full_state_dict(acc, loss_module), extra=meta)
+                            full_state_dict(acc, loss_module, peft_model), extra=meta)
         if signum:
             show.close()
             raise signals.Interrupted(signum, step, path / "checkpoints" / f"step-{step}")
@@ -258,7 +262,7 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     result.probe = merge.record_probe(acc, loss_module, eval_ex, tokenizer.pad_token_id,
                                       precision, recipe.model.quantize)
     result.memory = memory.report(memory.estimate(recipe, model.config, precision), peak)
-    state_dict = full_state_dict(acc, loss_module)
+    state_dict = full_state_dict(acc, loss_module, peft_model)
     if main:
         _save_outputs(path, recipe, peft_model, tokenizer, tokenizer_changed, result,
                       state_dict, initial)
@@ -276,7 +280,7 @@ def _scalars(metrics: dict) -> dict:
 
 def _check_finite(acc, params, step: int, path: Path) -> None:
     """Raise TrainingDiverged if any adapter weight is inf or NaN (on any process)."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP shards
+    local = [distributed.local(p) for p in params]  # FSDP / ZeRO-3: this process's part
     bad = torch.stack([(~torch.isfinite(x.detach())).any() for x in local]).sum().float()
     if acc.num_processes > 1:
         bad = acc.reduce(bad.to(acc.device), reduction="sum")

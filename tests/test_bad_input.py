@@ -216,6 +216,13 @@ CASES = [
      ["FSDP with a quantized base", "model.quant_storage"]),
     ("fsdp with compile", None, [*TRAIN, "launch.strategy=fsdp", "train.compile=true",
                                  "--nproc", "2"], ["train.compile=true", "train.compile=false"]),
+    ("deepspeed on one CPU process", None, [*TRAIN, "launch.strategy=deepspeed"],
+     ["launch.strategy=deepspeed", "--nproc 2"]),
+    ("zero-3 with a 4-bit base", None,
+     ["train", "llama3-8b-qlora", "model.tiny=true", "launch.strategy=deepspeed",
+      "launch.zero_stage=3", "--nproc", "2"], ["ZeRO-3", "launch.zero_stage=2"]),
+    ("zero stage 4", None, [*TRAIN, "launch.strategy=deepspeed", "launch.zero_stage=4"],
+     ["launch.zero_stage=4", "must be one of 1, 2, 3"]),
     # --- command-line arguments -------------------------------------------------------------
     ("unknown command", None, ["trian", "demo"], ["invalid choice: 'trian'", "--help"]),
     ("train without recipe", None, ["train"], ["required: recipe"]),
@@ -445,3 +452,19 @@ def test_trust_remote_code_is_off_unless_asked_and_then_said(tmp_path, monkeypat
         assert ("note: model.trust_remote_code=true: running the modelling code shipped with "
                 "peftkit/tiny-llama-demo" in err) is said, err
         assert err.splitlines()[-1].startswith("error: missing.jsonl: file not found")
+
+
+def test_deepspeed_missing_is_one_line_before_any_worker(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from peftkit import launcher
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(launcher, "run", lambda *a, **k: pytest.fail("workers started"))
+    monkeypatch.chdir(tmp_path)
+    assert main([*TRAIN, "launch.strategy=deepspeed", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: launch.strategy=deepspeed needs DeepSpeed: pip install " \
+                  "'peftkit[deepspeed]'"

@@ -1,7 +1,9 @@
-"""Two real gloo processes on CPU, started the way users start them (`--nproc 2`): DDP, and
-FSDP2 (torch's fully_shard over gloo, through accelerate's FSDP2 path).
+"""Two real gloo processes on CPU, started the way users start them (`--nproc 2`): DDP,
+FSDP2 (torch's fully_shard over gloo, through accelerate's FSDP2 path) and DeepSpeed ZeRO-2/3
+(through accelerate's DeepSpeed launcher and plugin).
 
-Each launch costs ~15-30 s (two workers importing torch/transformers), so there are five.
+Each launch costs ~15-40 s (two workers importing torch/transformers/deepspeed), so there are
+eight; every strategy is compared with the same DDP run.
 """
 
 import json
@@ -165,3 +167,46 @@ def test_fsdp_qlora_shards_a_4bit_base_and_equals_one_process(tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_deepspeed_zero2_trains_the_same_adapter_as_ddp(ddp_run, tmp_path):
+    pytest.importorskip("deepspeed")
+    proc = launch(tmp_path, "launch.strategy=deepspeed", "launch.zero_stage=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--use_deepspeed --zero_stage 2" in proc.stderr
+    assert "(DeepSpeed ZeRO-2: optimizer state and gradients sharded, weights replicated)" \
+        in " ".join(proc.stderr.split())
+    assert "is deprecated" not in proc.stderr  # DeepSpeed's collective warnings are muted
+    ddp_path, _ = ddp_run
+    zero, ddp = step_losses(tmp_path / "demo"), step_losses(ddp_path)
+    assert [zero[s] for s in sorted(zero)] == pytest.approx([ddp[s] for s in sorted(ddp)],
+                                                            rel=1e-5)
+    a, b = adapter(tmp_path / "demo"), adapter(ddp_path)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
+    ckpt = tmp_path / "demo" / "checkpoints" / "step-4"
+    assert sorted(p.name for p in ckpt.glob("optimizer*.pt")) == ["optimizer-rank0.pt",
+                                                                  "optimizer-rank1.pt"]
+
+
+def test_deepspeed_zero3_shards_weights_trains_like_ddp_and_resumes(ddp_run, tmp_path):
+    pytest.importorskip("deepspeed")
+    proc = launch(tmp_path / "full", "launch.strategy=deepspeed", "launch.zero_stage=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held, whole = re.search(r"\(DeepSpeed ZeRO-3: this process holds ([\d.]+) MB of "
+                            r"([\d.]+) MB of weights\)", " ".join(proc.stderr.split())).groups()
+    assert float(held) == pytest.approx(float(whole) / 2, rel=0.02)
+    path, (ddp_path, _) = tmp_path / "full" / "demo", ddp_run
+    assert step_losses(path) == pytest.approx(step_losses(ddp_path), rel=1e-5)
+    a, b = adapter(path), adapter(ddp_path)  # gathered from the partitions, saved once
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
+    # Resume from step 2: each process loads its optimizer partition back.
+    copy = tmp_path / "resumed" / "demo"
+    shutil.copytree(path, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-4")
+    proc = launch(tmp_path / "resumed", "launch.strategy=deepspeed", "launch.zero_stage=3",
+                  "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-6)
+    a, b = adapter(copy), adapter(path)
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)

@@ -163,7 +163,7 @@ class Crash(BaseException):
 
 ONE_PROCESS = types.SimpleNamespace(is_main_process=True, process_index=0, num_processes=1,
                                     wait_for_everyone=lambda: None, scaler=None,
-                                    device=torch.device("cpu"))
+                                    device=torch.device("cpu"), distributed_type="NO")
 
 
 @pytest.fixture()

@@ -61,6 +61,19 @@ def write_recipe(path: Path, recipe: Recipe, source: str, base: str) -> None:
     write_json(path / "recipe.json", doc)
 
 
+def record_resume(path: Path, recipe: Recipe, step: int) -> None:
+    """On --resume, recipe.json takes the recipe the run now continues with (only settings in
+    config.RESUME_SAFE can differ) and lists when and from which step it resumed."""
+    try:
+        doc = json.loads((path / "recipe.json").read_text())
+    except (OSError, ValueError):
+        doc = {"name": recipe.name}
+    doc["recipe"] = recipe.to_dict()
+    doc.setdefault("resumed", []).append(
+        {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": step, "versions": versions()})
+    write_json(path / "recipe.json", doc)
+
+
 def write_json(path: Path, obj) -> None:
     """Write via a temporary file and rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 from peftkit.config import Recipe, recipe_from_dict
 from peftkit.errors import UserError
+from peftkit.progress import quiet_progress
 
 HOW = "point at a run directory written by `peftkit train` (it holds recipe.json and adapter/)"
 
@@ -73,7 +73,7 @@ def load_run(path: str | Path):
     tokenizer = load_tokenizer(path, recipe, base)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(recipe.model, recipe.launch, device.type)
-    with _no_progress_bars():  # a second of loading needs no bar in front of the answers
+    with quiet_progress():  # a second of loading needs no bar in front of the answers
         model = load_model(base, recipe.model, precision.dtype, precision.compute_dtype,
                            device)
     model.config.use_cache = True  # inference: generation reuses keys and values
@@ -86,16 +86,3 @@ def load_run(path: str | Path):
     if not recipe.model.quantize:  # quantized weights were loaded onto the device already
         peft_model.to(device)
     return recipe, peft_model.eval(), tokenizer
-
-
-@contextmanager
-def _no_progress_bars():
-    from transformers.utils import logging
-
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()

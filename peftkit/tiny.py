@@ -80,6 +80,9 @@ def build_tiny(name: str, arch: str, size: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
 
+    from peftkit.distributed import plain_construction
+    from peftkit.progress import quiet_progress
+
     arch = infer_arch(name, arch)
     if not arch:
         raise UserError(f"model.arch is empty and {name!r} is not a known model; set "
@@ -97,7 +100,7 @@ def build_tiny(name: str, arch: str, size: str) -> Path:
                    pad_token_id=tokenizer.pad_token_id)
     config = tiny_config(arch, size, len(tokenizer), special)
     # Same weights every time, whatever the caller's RNG state.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), plain_construction():  # whole, even under ZeRO-3
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -106,7 +109,8 @@ def build_tiny(name: str, arch: str, size: str) -> Path:
     # a half-written model; the loser of the race discards its copy.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     try:
-        model.save_pretrained(tmp)
+        with quiet_progress():  # a tiny model saves in milliseconds
+            model.save_pretrained(tmp)
         if not (tmp / "config.json").is_file():  # transformers saves on global rank 0 only
             raise RuntimeError("tiny models must be built by the main process first")
         tokenizer.save_pretrained(tmp)

@@ -134,6 +134,10 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     if saved is not None:
         resuming.check_data(resume_from, saved, meta["data_fingerprint"])
 
+    if not main:  # one "Loading weights" bar per run, not one per process
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     peak = memory.PeakMemory(acc.device)  # from here on: the model and its training
     model = load_model(base, recipe.model, precision.dtype, precision.compute_dtype, acc.device)
     # Padding-free batches where the attention kernel can keep samples apart (packing.py).
@@ -185,6 +189,8 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     log = tracking.start(acc, recipe, rundir.MetricsLog(path, enabled=main))
     if not fresh:
         log.truncate_after(start)
+        if main:
+            rundir.record_resume(path, recipe, start)
     elif main:
         rundir.write_recipe(path, recipe, source, base)
         log.write(step=0, event="data", **stats.to_dict())

@@ -3,7 +3,7 @@ FSDP2 (torch's fully_shard over gloo, through accelerate's FSDP2 path) and DeepS
 (through accelerate's DeepSpeed launcher and plugin).
 
 Each launch costs ~15-40 s (two workers importing torch/transformers/deepspeed), so there are
-eight; every strategy is compared with the same DDP run.
+nine; every strategy is compared with the same DDP run.
 """
 
 import json
@@ -210,3 +210,15 @@ def test_deepspeed_zero3_shards_weights_trains_like_ddp_and_resumes(ddp_run, tmp
     assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-6)
     a, b = adapter(copy), adapter(path)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_bad_input_inside_the_workers_is_one_line_and_exit_2(tmp_path):
+    """The workers find the problem (the data file is read there): the launcher's own
+    traceback and failure table are dropped, the main worker's exit code comes through."""
+    proc = launch(tmp_path, f"data.train={tmp_path / 'missing.jsonl'}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("launching: ACCELERATE_USE_CPU=true accelerate launch ")
+    assert len(lines) == 2 and lines[1].startswith("error: ") and "missing.jsonl" in lines[1], \
+        proc.stderr
+    assert not (tmp_path / "demo").exists()

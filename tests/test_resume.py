@@ -125,6 +125,11 @@ def test_resume_allows_and_reports_harmless_changes(tmp_path, capsys, straight):
         assert change in said, (change, said)
     got = loss_by_step(moved / "demo")
     assert max(got) == 9 and {k: got[k] for k in range(1, 9)} == loss_by_step(straight)
+    # recipe.json now holds the recipe the run finished with, and says it resumed.
+    doc = json.loads((moved / "demo" / "recipe.json").read_text())
+    before = json.loads((straight / "recipe.json").read_text())
+    assert doc["recipe"]["train"]["max_steps"] == 9 and doc["created"] == before["created"]
+    assert [r["from_step"] for r in doc["resumed"]] == [8]
 
 
 def test_resume_from_another_runs_checkpoint_starts_a_new_run_directory(tmp_path, capsys,

@@ -5,8 +5,8 @@ optimisations switched on one at a time (each variant in its own fresh process).
     python benchmarks/ablation.py --entry "tiny / varlen / LoRA"
 
 Variants switch peftkit's own settings (data.packing) and module constants (loss.py's
-HEAD_ONLY_ARCHS, head_loss.py's CHUNK_LOGITS, packing.py's kernel choice) in the child
-process; nothing of transformers or peft is touched. Results: benchmarks/results/ablation-*.json.
+HEAD_ONLY_ARCHS, head_loss.py's CHUNK_LOGITS, packing.py's kernel choice, fused_lora.ENABLED)
+in the child process; nothing of transformers or peft is touched. Results: benchmarks/results/ablation-*.json.
 """
 
 from __future__ import annotations
@@ -23,26 +23,29 @@ sys.path.insert(0, str(HERE))
 
 import suite  # noqa: E402
 
-# name -> (data.packing, LM head only on labelled positions, chunked head, kernel, overrides)
+# name -> (data.packing, LM head only on labelled positions, chunked head, kernel,
+#          LoRA update fused into its matmul, overrides)
 EAGER = ("train.compile=false",)
 VARIANTS = {
-    "padded batches, full logits (Trainer-like)": (False, False, False, None, EAGER),
-    "+ LM head only on labelled positions": (False, True, False, None, EAGER),
-    "+ packing, transformers' block mask": (True, True, False, "block-mask", EAGER),
-    "+ packing, attention per sample": (True, True, False, "segments", EAGER),
-    "+ chunked LM head and loss": (True, True, True, "segments", EAGER),
-    "+ train.compile (= the benchmark recipe)": (True, True, True, "segments",
+    "padded batches, full logits (Trainer-like)": (False, False, False, None, False, EAGER),
+    "+ LM head only on labelled positions": (False, True, False, None, False, EAGER),
+    "+ packing, transformers' block mask": (True, True, False, "block-mask", False, EAGER),
+    "+ packing, attention per sample": (True, True, False, "segments", False, EAGER),
+    "+ chunked LM head and loss": (True, True, True, "segments", False, EAGER),
+    "+ LoRA update fused into its matmul": (True, True, True, "segments", True, EAGER),
+    "+ train.compile (= the benchmark recipe)": (True, True, True, "segments", True,
                                                  ("train.compile=true",)),
-    "+ gradient checkpointing": (True, True, True, "segments",
+    "+ gradient checkpointing": (True, True, True, "segments", True,
                                  ("train.compile=true", "train.gradient_checkpointing=true")),
 }
 
 
 def apply_variant(name: str) -> list[str]:
     """Patch peftkit's own switches for `name` (in this child process); returns overrides."""
-    from peftkit import head_loss, loss, packing
+    from peftkit import fused_lora, head_loss, loss, packing
 
-    packed, head_only, chunked, kernel, overrides = VARIANTS[name]
+    packed, head_only, chunked, kernel, fused, overrides = VARIANTS[name]
+    fused_lora.ENABLED = fused
     if not head_only:
         loss.HEAD_ONLY_ARCHS = ()
     if not chunked:
@@ -118,8 +121,8 @@ def main() -> int:
     if args.only and path.is_file():  # keep the other rows; recompute MFU on one denominator
         old = json.loads(path.read_text())
         peak = max(peak, old["matmul_peak_flops"])
-        fresh = {r["variant"]: r for r in rows}
-        rows = [fresh.get(r["variant"], r) for r in old["rows"]]
+        known = {r["variant"]: r for r in old["rows"]} | {r["variant"]: r for r in rows}
+        rows = [known[v] for v in VARIANTS if v in known]  # in VARIANTS order
         for r in rows:
             r["mfu"] = r["model_flops_per_s"] / peak
     result = {"entry": entry.label, "matmul_peak_flops": peak, "rows": rows,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit import (checkpoint, compiled, data, distributed, methods, packing,
+from peftkit import (checkpoint, compiled, data, distributed, fused_lora, methods, packing,
                      resume as resuming, rundir, signals)
 from peftkit.distributed import full_state_dict
 from peftkit.batching import BatchStream, Position, collate, loss_tokens, useful_tokens
@@ -147,6 +147,7 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     notes += [note] if note else []
     model = prepare_for_training(model, recipe.model, t.gradient_checkpointing)
     peft_model = attach_adapter(model, recipe.adapter)
+    fused_lora.enable(peft_model)  # LoRA's scaled update added inside its matmul
     if t.compile:  # after peft: the compiled layers include the adapters (compiled.py)
         compiled.compile_layers(model)
     initial = methods.initialise(peft_model, recipe.adapter)  # LoftQ; PiSSA/OLoRA start point

@@ -20,6 +20,8 @@ import torch
 
 ENABLED = True  # benchmarks/ablation.py switches it off to measure what it buys
 
+from peft.tuners.lora.layer import Linear as _PLAIN  # noqa: E402  (peft's LoRA nn.Linear)
+
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
@@ -29,14 +31,21 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     if hasattr(lora_b.weight, "ds_id"):  # ZeRO-3 gathers B only when its module runs
         return type(self).forward(self, x, *args, **kwargs)
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # rows: 2-D throughout, so nothing below is a view
     result = self.base_layer(x)
     h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
-    if not torch.is_autocast_enabled(x.device.type) and \
-            not result.dtype == h.dtype == lora_b.weight.dtype:
-        return result + lora_b(h) * self.scaling[name]
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
-                      lora_b.weight.t(), alpha=self.scaling[name])
-    return out.view(result.shape)
+    weight = lora_b.weight
+    if not result.dtype == h.dtype == weight.dtype:
+        if not torch.is_autocast_enabled(x.device.type):
+            return (result + lora_b(h) * self.scaling[name]).view(*shape[:-1], -1)
+        h, weight = h.to(result.dtype), weight.to(result.dtype)  # what autocast would do
+    if type(self) is _PLAIN:
+        # A plain linear's output is a fresh tensor its backward does not keep: add in place.
+        result.addmm_(h, weight.t(), alpha=self.scaling[name])
+    else:  # bitsandbytes layers: peft clones their output before adding; addmm copies too
+        result = torch.addmm(result, h, weight.t(), alpha=self.scaling[name])
+    return result.view(*shape[:-1], -1)
 
 
 def enable(peft_model) -> int:

@@ -76,9 +76,11 @@ def test_fused_forward_on_a_4bit_base():
 def test_cases_it_does_not_cover_go_to_peft(monkeypatch):
     from peft import LoraConfig
 
-    calls = []
-    real = torch.addmm
+    calls = []  # the fused path ends in addmm_ (plain linear) or addmm (bitsandbytes)
+    real, real_ = torch.addmm, torch.Tensor.addmm_
     monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "addmm_",
+                        lambda *a, **k: calls.append(1) or real_(*a, **k))
     # DoRA is a LoRA variant: peft's forward handles it.
     plain, fused, _ = pair(LoraConfig(r=8, lora_alpha=24, target_modules="all-linear",
                                       use_dora=True))

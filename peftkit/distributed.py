@@ -43,7 +43,8 @@ def check(recipe: Recipe) -> str:
     if recipe.train.compile:
         raise UserError(f"train.compile=true with launch.strategy={chosen} is not supported "
                         "yet; set train.compile=false")
-    if chosen == "fsdp" and recipe.model.quantize and recipe.model.quant_storage in ("auto", "uint8"):
+    packed_4bit = recipe.model.quantize and recipe.model.quant_storage in ("auto", "uint8")
+    if chosen == "fsdp" and packed_4bit:
         raise UserError("FSDP with a quantized base needs model.quant_storage equal to the "
                         "compute dtype (e.g. bfloat16 on GPU, float32 on CPU) so shards can "
                         "be flattened together")
@@ -186,8 +187,8 @@ def backward(accelerator, loss: torch.Tensor, last: bool) -> None:
 
 def checkpoint_classes(accelerator) -> list:
     """Non-tensor classes in a ZeRO optimizer shard's state dict (plain records: the loss
-    scaler's settings, each parameter's fragment address, the stage) that `torch.load(weights_only=True)`
-    may build; nothing else outside tensors and containers is accepted."""
+    scaler's settings, each parameter's fragment address, the stage) that
+    `torch.load(weights_only=True)` may build; nothing else but tensors and containers."""
     if not uses_deepspeed(accelerator):
         return []
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -245,8 +246,8 @@ def sharding_note(accelerator, module) -> str:
     if not name:
         return ""
     if not shards_weights(accelerator):
-        return f" ({name}: optimizer state{' and gradients' if zero_stage(accelerator) > 1 else ''}" \
-               " sharded, weights replicated)"
+        grads = " and gradients" if zero_stage(accelerator) > 1 else ""
+        return f" ({name}: optimizer state{grads} sharded, weights replicated)"
     params = list(module.parameters())
     held = sum(local(p).numel() * p.element_size() for p in params)
     whole = sum(numel(p) * p.element_size() for p in params)

@@ -26,9 +26,11 @@ SETTINGS = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0
 
 
 def launch(out, *extra, name="demo", settings=SETTINGS):
-    """`peftkit train NAME --nproc 2` in a subprocess; returns the CompletedProcess."""
+    """`peftkit train NAME --nproc 2` in a subprocess, each optimizer step two micro-batches
+    of 2 per process (global batch 8, as one process with batch 8); returns the
+    CompletedProcess."""
     cmd = [sys.executable, "-m", "peftkit", "train", name, "--nproc", "2", *settings,
-           "train.batch_size=4", f"train.output_dir={out}", *extra]
+           "train.batch_size=2", "train.grad_accum=2", f"train.output_dir={out}", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ)
 
 
@@ -60,6 +62,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(ddp_run, tmp_path):
     assert "on 2 x cpu" in proc.stderr
     entry = registry.resolve("demo")
     single = train(apply_overrides(entry.recipe, [*SETTINGS, "train.batch_size=8",
+                                                   "train.grad_accum=1",
                                                    f"train.output_dir={tmp_path}"]))
     ddp, one = step_losses(ddp_path), step_losses(single.path)
     assert sorted(ddp) == [1, 2, 3, 4]  # each step logged once: one writer
@@ -160,6 +163,7 @@ def test_fsdp_qlora_shards_a_4bit_base_and_equals_one_process(tmp_path):
     assert "(FSDP2: this process holds" in proc.stderr
     entry = registry.resolve("llama3-8b-qlora")
     single = train(apply_overrides(entry.recipe, [*QLORA, "train.batch_size=8",
+                                                   "train.grad_accum=1",
                                                    f"train.output_dir={tmp_path / 'one'}"]))
     sharded = tmp_path / "fsdp" / "llama3-8b-qlora"
     assert step_losses(sharded) == pytest.approx(step_losses(single.path), rel=1e-5)

@@ -15,6 +15,7 @@ wrapper around the collator (which samples, how many real and padded tokens).
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import time
 from array import array
@@ -103,6 +104,8 @@ def _checkpointing(arguments_class, enabled: bool) -> dict:
 
 def run(recipe: Recipe, grouped: bool = False) -> dict:
     """Train `recipe` with the plain Trainer; the measurements `peftkit bench` compares."""
+    if not torch.cuda.is_available():  # the Trainer imports DeepSpeed when it is installed,
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # which would warn while guessing this
     from transformers import (DataCollatorForSeq2Seq, PrinterCallback, Trainer,
                               TrainingArguments, set_seed)
 

@@ -221,6 +221,7 @@ def summarise(side: dict, recipe: Recipe, per_token: float, peak_flops: float) -
         "peak_memory_bytes": mem.get("above_baseline_bytes"),
         "peak_memory_absolute_bytes": mem.get("peak_bytes"),
         "memory_method": mem.get("method"),
+        "page_faults": mem.get("page_faults"),
         "padding_share": 1 - sum(side["step_tokens"]) / side["computed_tokens"]
         if side.get("computed_tokens") else None,
         "mfu": per_token * tps / peak_flops,

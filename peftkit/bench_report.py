@@ -13,6 +13,7 @@ ROWS = (  # (label, key, format)
     ("step time (s, mean)", "step_seconds_mean", "{:.2f}"),
     ("first step (s, untimed)", "first_step_seconds", "{:.1f}"),
     ("peak memory (GB)", "peak_memory_bytes", "gb"),
+    ("page faults (CPU, minor)", "page_faults", "{:,}"),
     ("padding share", "padding_share", "{:.0%}"),
     ("MFU", "mfu", "{:.1%}"),
     ("trainable params", "trainable", "{:,}"),

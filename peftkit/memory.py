@@ -297,6 +297,7 @@ class PeakMemory:
             self.baseline = torch.cuda.memory_allocated(device)
             self.method = "torch.cuda.max_memory_allocated above the allocation at start"
         else:
+            self.faults = _page_faults()
             self.reset = _reset_peak_rss()
             current = _current_rss()
             self.baseline = current if current is not None else _maxrss_bytes()
@@ -305,8 +306,18 @@ class PeakMemory:
 
     def measured(self) -> dict:
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else _maxrss_bytes()
-        return {"peak_bytes": peak, "baseline_bytes": self.baseline,
-                "above_baseline_bytes": max(0, peak - self.baseline), "method": self.method}
+        out = {"peak_bytes": peak, "baseline_bytes": self.baseline,
+               "above_baseline_bytes": max(0, peak - self.baseline), "method": self.method}
+        if not self.cuda:  # fresh pages the kernel had to supply: memory churn, which costs
+            out["page_faults"] = _page_faults() - self.faults  # differently on each host
+        return out
+
+
+def _page_faults() -> int:
+    """Minor page faults of this process so far (each one a fresh page handed out)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def report(estimate: Estimate, peak: PeakMemory) -> dict:

@@ -226,6 +226,9 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
                 distributed.backward(acc, loss_sum * world / max(n_loss, 1), last=sync)
             loss_total += loss_sum.detach()
         # Without clipping, an infinite max norm still measures the norm (for the check below).
+        # Under DeepSpeed the engine has already clipped and stepped inside the window's last
+        # backward; this returns its norm, so a non-finite one stops the run one update late
+        # (the adapter is still never written: checkpoints check the weights first).
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or math.inf)
         loss = acc.reduce(loss_total, reduction="sum").item() / max(n_loss, 1)
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):

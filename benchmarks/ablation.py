@@ -42,7 +42,10 @@ VARIANTS = {
 
 def apply_variant(name: str) -> list[str]:
     """Patch peftkit's own switches for `name` (in this child process); returns overrides."""
-    from peftkit import fused_lora, head_loss, loss, packing
+    from peftkit.model import fused_lora
+    from peftkit.model import head_loss
+    from peftkit.training import loss
+    from peftkit.data import packing
 
     packed, head_only, chunked, kernel, fused, overrides = VARIANTS[name]
     fused_lora.ENABLED = fused
@@ -62,8 +65,8 @@ def apply_variant(name: str) -> list[str]:
 
 
 def child(name: str, spec_path: str, out_path: str) -> int:
-    from peftkit.bench_run import run_side
-    from peftkit.config import apply_overrides, recipe_from_dict
+    from peftkit.bench.side import run_side
+    from peftkit.recipe.schema import apply_overrides, recipe_from_dict
 
     spec = json.loads(Path(spec_path).read_text())
     recipe = apply_overrides(recipe_from_dict(spec["recipe"]), apply_variant(name))
@@ -86,10 +89,11 @@ def main() -> int:
 
     import torch
 
-    from peftkit import bench, registry
-    from peftkit.config import apply_overrides
-    from peftkit.flops import matmul_peak
-    from peftkit.modeling import base_path
+    from peftkit.bench import harness as bench
+    from peftkit.recipe import registry
+    from peftkit.recipe.schema import apply_overrides
+    from peftkit.bench.flops import matmul_peak
+    from peftkit.model.loading import base_path
 
     entry = next(e for e in suite.entries() if e.label == args.entry)
     found = registry.resolve(entry.path)

@@ -33,7 +33,7 @@ def load_results() -> list[dict]:
 
 
 def markdown() -> str:
-    from peftkit.bench_report import markdown as table
+    from peftkit.bench.report import markdown as table
 
     results = load_results()
     if not results:
@@ -62,8 +62,10 @@ def main() -> int:
         print(markdown())
         return 0
 
-    from peftkit import bench, bench_report, registry
-    from peftkit.config import apply_overrides
+    from peftkit.bench import harness as bench
+    from peftkit.bench import report as bench_report
+    from peftkit.recipe import registry
+    from peftkit.recipe.schema import apply_overrides
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     failed = []

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftkit.bench_data import dataset_file
+from peftkit.bench.data import dataset_file
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 

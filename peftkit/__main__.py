@@ -1,5 +1,5 @@
 """`python -m peftkit ...` (and `accelerate launch -m peftkit ...`)."""
 
-from peftkit.cli import main
+from peftkit.cli.app import main
 
 raise SystemExit(main())

@@ -62,7 +62,7 @@ def build_local_model(target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.tiny import tokenizer_dir
+    from peftkit.model.tiny import tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     config = AutoConfig.for_model(

@@ -23,7 +23,7 @@ def build(hidden: int, layers: int, out: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from peftkit.tiny import tokenizer_dir
+    from peftkit.model.tiny import tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     config = LlamaConfig(
@@ -43,7 +43,7 @@ def measure(run: str, out: str) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from peftkit.merge import merge_run
+    from peftkit.export.merge import merge_run
 
     peak = {"anon": 0, "file": 0, "rss": 0}
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit import checkpoint
-from peftkit.cli import main
-from peftkit.config import RESUME_SAFE, SECTIONS, Model
-from peftkit.data import resolve_source
+from peftkit.training import checkpoint
+from peftkit.cli.app import main
+from peftkit.recipe.schema import RESUME_SAFE, SECTIONS, Model
+from peftkit.data.records import resolve_source
 
 TRAIN = ["train", "demo", "model.tiny_size=xs", "data.train=data.jsonl", "data.eval=",
          "data.eval_size=0", "train.eval_generate=0", "train.output_dir=runs",
@@ -131,7 +131,7 @@ def evil_optimizer(ckpt, tmp):
 def template(text):
     """A local copy of the tiny model whose tokenizer carries chat template `text`."""
     def setup(tmp, run):
-        from peftkit.modeling import base_path
+        from peftkit.model.loading import base_path
 
         source = base_path(Model("peftkit/tiny-llama-demo", arch="llama", tiny=True,
                                  tiny_size="xs"))
@@ -140,7 +140,7 @@ def template(text):
     return setup
 
 
-RECIPE_HEAD = '"""A user recipe."""\nfrom peftkit.config import Data, Lora, Model, Recipe, Train\n'
+RECIPE_HEAD = '"""A user recipe."""\nfrom peftkit.recipe.schema import Data, Lora, Model, Recipe, Train\n'
 VALID_BODY = 'RECIPE = Recipe(model=Model("org/m"), data=Data("d.jsonl"){})\n'
 DIFFERENT = "the checkpoint was trained with a different recipe"
 
@@ -414,7 +414,7 @@ def test_disk_full_while_saving_is_one_line_exit_1(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
 
     # Full again while writing the final adapter: one line too (the CLI's last resort).
-    from peftkit import train
+    from peftkit.training import loop as train
 
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "adapter"))
@@ -442,7 +442,7 @@ def test_every_resume_safe_setting_exists():
 
 
 def test_trust_remote_code_is_off_unless_asked_and_then_said(tmp_path, monkeypatch, capsys):
-    from peftkit import registry
+    from peftkit.recipe import registry
 
     assert not any(e.recipe.model.trust_remote_code for e in registry.shipped().values())
     monkeypatch.chdir(tmp_path)
@@ -457,7 +457,7 @@ def test_trust_remote_code_is_off_unless_asked_and_then_said(tmp_path, monkeypat
 def test_deepspeed_missing_is_one_line_before_any_worker(tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    from peftkit import launcher
+    from peftkit.training import launcher
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -9,8 +9,9 @@ import statistics
 
 import pytest
 
-from peftkit import bench, bench_data
-from peftkit.cli import main
+from peftkit.bench import harness as bench
+from peftkit.bench import data as bench_data
+from peftkit.cli.app import main
 
 QUICK = ["model.tiny_size=xs", "train.batch_size=8"]  # the demo recipe: chat rows, max_len 64
 
@@ -39,9 +40,10 @@ def test_bench_compares_the_same_work(compared):
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from peftkit import data, registry
-    from peftkit.config import apply_overrides
-    from peftkit.modeling import base_path, load_tokenizer
+    from peftkit.data import records as data
+    from peftkit.recipe import registry
+    from peftkit.recipe.schema import apply_overrides
+    from peftkit.model.loading import base_path, load_tokenizer
 
     code, result, _, out = compared
     assert code == 0
@@ -127,10 +129,10 @@ def test_flops_accounting():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from peftkit.config import Lora, Model, Recipe
-    from peftkit.flops import Shape, shape_of, train_flops
-    from peftkit.modeling import attach_adapter
-    from peftkit.summary import base_config
+    from peftkit.recipe.schema import Lora, Model, Recipe
+    from peftkit.bench.flops import Shape, shape_of, train_flops
+    from peftkit.model.loading import attach_adapter
+    from peftkit.model.summary import base_config
 
     config, _ = base_config(Recipe(Model("tiny/llama", arch="llama", tiny=True)))
     with torch.device("meta"):
@@ -149,7 +151,7 @@ def test_flops_accounting():
 def test_benchmark_data_is_deterministic_and_long_tailed():
     from transformers import AutoTokenizer
 
-    from peftkit.tiny import tokenizer_dir
+    from peftkit.model.tiny import tokenizer_dir
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
 

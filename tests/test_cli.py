@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from peftkit import __version__, registry
-from peftkit.cli import build_parser, main
-from peftkit.config import SECTIONS, apply_overrides
+from peftkit import __version__
+from peftkit.recipe import registry
+from peftkit.cli.app import build_parser, main
+from peftkit.recipe.schema import SECTIONS, apply_overrides
 
 # the tests build models outside `main`, whose warning filters do not apply there
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
@@ -100,7 +101,7 @@ def demo_counts():
 
     import torch
 
-    from peftkit.modeling import attach_adapter, base_path, count_parameters, load_model
+    from peftkit.model.loading import attach_adapter, base_path, count_parameters, load_model
 
     recipe = registry.resolve("demo").recipe
     found = {}
@@ -363,7 +364,7 @@ def test_train_writes_the_run_directory(trained):
     doc = json.loads((run / "recipe.json").read_text())
     for lib in ("torch", "transformers", "peft", "peftkit"):
         assert doc["versions"][lib], lib
-    from peftkit.config import recipe_from_dict
+    from peftkit.recipe.schema import recipe_from_dict
     expected = apply_overrides(registry.resolve("demo").recipe,
                                [*TRAIN[2:], f"train.output_dir={run.parent}"])
     assert recipe_from_dict(doc["recipe"]) == expected

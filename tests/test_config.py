@@ -1,4 +1,4 @@
-"""peftkit.config and peftkit.registry: the recipe schema, overrides, validation, loading."""
+"""peftkit.recipe.schema and peftkit.recipe.registry: the recipe schema, overrides, validation, loading."""
 
 import dataclasses
 import json
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from peftkit import config, registry
-from peftkit.config import (SECTIONS, Data, Lora, Model, Recipe, Train, apply_overrides,
+from peftkit.recipe import schema as config
+from peftkit.recipe import registry
+from peftkit.recipe.schema import (SECTIONS, Data, Lora, Model, Recipe, Train, apply_overrides,
                             describe_fields, parse_overrides, problems_of, recipe_from_dict,
                             validate)
 from peftkit.errors import ConfigError, UserError

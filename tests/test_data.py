@@ -1,4 +1,4 @@
-"""peftkit.data: sources, formats, chat rendering, loss masks, truncation, splits, prompts."""
+"""peftkit.data.records: sources, formats, chat rendering, loss masks, truncation, splits, prompts."""
 
 import copy
 import csv
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from peftkit import data
-from peftkit.config import Data
-from peftkit.data import IGNORE, build, detect_format, load_records, prompt_of, tokenize_record
+from peftkit.data import records as data
+from peftkit.recipe.schema import Data
+from peftkit.data.records import IGNORE, build, detect_format, load_records, prompt_of, tokenize_record
 from peftkit.errors import UserError
 
 CHAT = {"messages": [{"role": "user", "content": "hello world"},

@@ -16,9 +16,9 @@ import sys
 import pytest
 import torch
 
-from peftkit import registry
-from peftkit.config import apply_overrides
-from peftkit.train import train
+from peftkit.recipe import registry
+from peftkit.recipe.schema import apply_overrides
+from peftkit.training.loop import train
 
 SETTINGS = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0",
             "train.log_every=1", "train.warmup_steps=0", "adapter.dropout=0.0",

@@ -1,4 +1,4 @@
-"""`peftkit eval`, `generate` and `chat` on a trained run, checked against peftkit.evaluation
+"""`peftkit eval`, `generate` and `chat` on a trained run, checked against peftkit.training.evaluation
 and plain transformers + peft."""
 
 import io
@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from peftkit import registry
-from peftkit.cli import main
-from peftkit.config import apply_overrides, recipe_from_dict
-from peftkit.train import train
+from peftkit.recipe import registry
+from peftkit.cli.app import main
+from peftkit.recipe.schema import apply_overrides, recipe_from_dict
+from peftkit.training.loop import train
 
 PROMPT = "Sort: 3 1 2"
 
@@ -74,9 +74,9 @@ def plain_generate(model, tokenizer, messages, max_new_tokens):
 def test_eval_matches_peftkit_evaluation_and_base_differs(run, capsys):
     from accelerate import Accelerator
 
-    from peftkit import data
-    from peftkit.evaluation import eval_loss, exact_match
-    from peftkit.loss import TokenLoss
+    from peftkit.data import records as data
+    from peftkit.training.evaluation import eval_loss, exact_match
+    from peftkit.training.loss import TokenLoss
 
     assert main(["eval", str(run.path), "--metrics", "loss,perplexity"]) == 0
     assert main(["eval", str(run.path), "--metrics", "loss,perplexity", "--base"]) == 0
@@ -93,7 +93,7 @@ def test_eval_matches_peftkit_evaluation_and_base_differs(run, capsys):
     assert adapter["samples"] == 5 and adapter["limit"] == 5  # the limited run came last
     assert base["metrics"]["eval_loss"] - run.evals["after"]["eval_loss"] > 0.05
 
-    # Independently: peftkit.evaluation's functions on the plain-peft model, same 5 rows.
+    # Independently: peftkit.training.evaluation's functions on the plain-peft model, same 5 rows.
     model, tokenizer = plain_peft(run)
     recipe = recipe_from_dict(json.loads((run.path / "recipe.json").read_text())["recipe"])
     _, examples, prompts, _ = data.build(recipe.data, tokenizer, recipe.train.seed)

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from peftkit import fused_lora
-from peftkit.config import Model
-from peftkit.modeling import base_path
+from peftkit.model import fused_lora
+from peftkit.recipe.schema import Model
+from peftkit.model.loading import base_path
 
 
 def tiny_base(**kwargs):

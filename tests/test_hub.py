@@ -19,10 +19,10 @@ import huggingface_hub.constants
 import pytest
 import yaml
 
-from peftkit import registry
-from peftkit.card import metadata
-from peftkit.cli import main
-from peftkit.config import apply_overrides
+from peftkit.recipe import registry
+from peftkit.run.card import metadata
+from peftkit.cli.app import main
+from peftkit.recipe.schema import apply_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from peftkit.batching import IGNORE
-from peftkit.config import Lora, Model
-from peftkit.loss import TokenLoss
-from peftkit.modeling import attach_adapter, base_path, load_model
-from peftkit.tiny import SUPPORTED_ARCHS
+from peftkit.data.batching import IGNORE
+from peftkit.recipe.schema import Lora, Model
+from peftkit.training.loss import TokenLoss
+from peftkit.model.loading import attach_adapter, base_path, load_model
+from peftkit.model.tiny import SUPPORTED_ARCHS
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)

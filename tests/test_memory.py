@@ -7,12 +7,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from peftkit import memory, registry
-from peftkit.config import apply_overrides
-from peftkit.modeling import (base_path, load_model, prepare_for_training, resolve_precision,
+from peftkit.model import memory
+from peftkit.recipe import registry
+from peftkit.recipe.schema import apply_overrides
+from peftkit.model.loading import (base_path, load_model, prepare_for_training, resolve_precision,
                               attach_adapter)
-from peftkit.summary import base_config
-from peftkit.train import train
+from peftkit.model.summary import base_config
+from peftkit.training.loop import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 

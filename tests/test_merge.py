@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from peftkit import registry
-from peftkit.cli import main
-from peftkit.config import apply_overrides
-from peftkit.train import train
+from peftkit.recipe import registry
+from peftkit.cli.app import main
+from peftkit.recipe.schema import apply_overrides
+from peftkit.training.loop import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 

@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 
-from peftkit import methods, registry
-from peftkit.batching import IGNORE
-from peftkit.config import Lora, Model, apply_overrides
+from peftkit.adapters import methods
+from peftkit.recipe import registry
+from peftkit.data.batching import IGNORE
+from peftkit.recipe.schema import Lora, Model, apply_overrides
 from peftkit.errors import ConfigError, UserError
-from peftkit.loss import TokenLoss
-from peftkit.modeling import attach_adapter, base_path, load_model, lora_config
-from peftkit.summary import parameter_counts
-from peftkit.train import train
+from peftkit.training.loss import TokenLoss
+from peftkit.model.loading import attach_adapter, base_path, load_model, lora_config
+from peftkit.model.summary import parameter_counts
+from peftkit.training.loop import train
 
 # The demo task at its smallest: no embeddings/head in full (so the method alone trains),
 # a high learning rate, a few steps on a few rows.
@@ -176,7 +177,7 @@ def test_loftq_without_cuda_is_a_clear_error():
 
 
 def test_show_prints_each_method(capsys):
-    from peftkit.cli import main
+    from peftkit.cli.app import main
 
     counts = {}
     for method in ("lora", "ia3", "prompt_tuning"):
@@ -196,7 +197,7 @@ def test_show_prints_each_method(capsys):
 def test_loftq_on_a_4bit_base_loads_in_plain_peft(tmp_path):
     from peft import PeftModel
 
-    from peftkit.runs import load_run
+    from peftkit.run.runs import load_run
 
     recipe, source = recipe_for(tmp_path, "loftq", "model.quantize=nf4", "adapter.init=loftq",
                                 "adapter.r=4")

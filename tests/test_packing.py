@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from peftkit import packing
-from peftkit.batching import IGNORE, collate, loss_tokens
-from peftkit.config import Lora, Model
-from peftkit.data import Example
-from peftkit.head_loss import head_loss
-from peftkit.loss import TokenLoss
-from peftkit.modeling import attach_adapter, base_path, load_model
-from peftkit.tiny import SUPPORTED_ARCHS
+from peftkit.data import packing
+from peftkit.data.batching import IGNORE, collate, loss_tokens
+from peftkit.recipe.schema import Lora, Model
+from peftkit.data.records import Example
+from peftkit.model.head_loss import head_loss
+from peftkit.training.loss import TokenLoss
+from peftkit.model.loading import attach_adapter, base_path, load_model
+from peftkit.model.tiny import SUPPORTED_ARCHS
 
 LENGTHS = (7, 12, 12, 5, 30)  # 12, 12: a run of equal lengths, attended in one batched call
 
@@ -159,9 +159,9 @@ def test_collate_packed_layout():
 def test_training_packed_and_compiled_equals_training_padded(tmp_path):
     import json
 
-    from peftkit import registry
-    from peftkit.config import apply_overrides
-    from peftkit.train import train
+    from peftkit.recipe import registry
+    from peftkit.recipe.schema import apply_overrides
+    from peftkit.training.loop import train
 
     def run(path, *overrides):
         entry = registry.resolve("demo")

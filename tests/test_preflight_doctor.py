@@ -6,11 +6,11 @@ import statistics
 
 import pytest
 
-from peftkit import registry
-from peftkit.cli import main
-from peftkit.config import apply_overrides
-from peftkit.data import IGNORE
-from peftkit.preflight import CLOSE, OPEN, percentile, preflight
+from peftkit.recipe import registry
+from peftkit.cli.app import main
+from peftkit.recipe.schema import apply_overrides
+from peftkit.data.records import IGNORE
+from peftkit.data.preflight import CLOSE, OPEN, percentile, preflight
 
 MAX_LEN = 20
 ROWS = [
@@ -55,7 +55,7 @@ def expected_samples(tokenizer):
 def test_preflight_numbers_on_a_known_dataset(data_recipe):
     from transformers import AutoTokenizer
 
-    from peftkit.tiny import tokenizer_dir
+    from peftkit.model.tiny import tokenizer_dir
 
     recipe, _ = data_recipe
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
@@ -105,7 +105,7 @@ def test_show_data_prints_the_report(data_recipe, capsys):
 def test_doctor_runs_offline_and_exits_0(capsys, monkeypatch):
     import os
 
-    from peftkit import doctor
+    from peftkit.cli import doctor
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert main(["doctor"]) == 0
@@ -149,7 +149,7 @@ def test_tensorboard_gets_the_metrics_jsonl_numbers(tmp_path):
 
 
 def test_missing_tracker_is_a_clear_error(tmp_path, capsys):
-    from peftkit.tracking import available
+    from peftkit.run.tracking import available
 
     if available("wandb"):
         pytest.skip("wandb is installed here")

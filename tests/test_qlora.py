@@ -7,13 +7,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from peftkit import quantize, registry
-from peftkit.cli import main
-from peftkit.config import Model, apply_overrides, problems_of
+from peftkit.model import quantize
+from peftkit.recipe import registry
+from peftkit.cli.app import main
+from peftkit.recipe.schema import Model, apply_overrides, problems_of
 from peftkit.errors import UserError
-from peftkit.modeling import (attach_adapter, base_path, load_model, prepare_for_training,
+from peftkit.model.loading import (attach_adapter, base_path, load_model, prepare_for_training,
                               resolve_precision)
-from peftkit.train import train
+from peftkit.training.loop import train
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
@@ -135,10 +136,10 @@ def test_saved_qlora_adapter_loads_in_plain_peft_with_same_logits(qlora_run):
 
 
 def test_missing_bitsandbytes_is_a_user_error_before_loading(tmp_path, monkeypatch, capsys):
-    import peftkit.train
+    import peftkit.training.loop
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails
-    monkeypatch.setattr(peftkit.train, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(peftkit.training.loop, "load_model", lambda *a, **k: pytest.fail("loaded"))
     rc = main(["train", QLORA, "model.tiny=true", "data.train=peftkit:data/sort_reverse/train.jsonl",
                f"train.output_dir={tmp_path}"])
     err = capsys.readouterr().err

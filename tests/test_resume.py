@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit import checkpoint, signals
-from peftkit.batching import Position
-from peftkit.cli import main
-from peftkit.data import resolve_source
+from peftkit.training import checkpoint
+from peftkit.training import signals
+from peftkit.data.batching import Position
+from peftkit.cli.app import main
+from peftkit.data.records import resolve_source
 from peftkit.errors import RunError
 
 # 24 rows, batch 4 x accumulation 2: 6 micro-batches, 3 optimizer steps per epoch.
@@ -326,7 +327,7 @@ def test_divergence_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, cap
 
 
 def test_non_finite_adapter_weights_are_never_checkpointed(tmp_path):
-    from peftkit.train import TrainingDiverged, _check_finite
+    from peftkit.training.loop import TrainingDiverged, _check_finite
 
     _check_finite(ONE_PROCESS, [torch.zeros(3), torch.ones(2, 2)], 7, tmp_path)  # passes
     for bad in (float("nan"), float("inf"), -float("inf")):

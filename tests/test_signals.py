@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit import checkpoint, signals
-from peftkit.cli import main
+from peftkit.training import checkpoint
+from peftkit.training import signals
+from peftkit.cli.app import main
 
 ARGS = ["train", "demo", "model.tiny_size=xs", "data.eval=", "data.eval_size=0",
         "train.eval_generate=0", "train.log_every=1", "train.warmup_steps=0",
@@ -133,8 +134,8 @@ def test_every_process_stops_after_the_same_step():
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from peftkit import checkpoint
-    from peftkit.cli import main
+    from peftkit.training import checkpoint
+    from peftkit.cli.app import main
 
     marker, stall_at = Path(sys.argv[1]), int(sys.argv[2])
     publish = checkpoint._publish

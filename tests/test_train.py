@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from peftkit import registry
-from peftkit.config import apply_overrides
-from peftkit.train import train
+from peftkit.recipe import registry
+from peftkit.recipe.schema import apply_overrides
+from peftkit.training.loop import train
 
 # The demo task at the smallest tiny size: each run takes a few seconds.
 FAST = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0",

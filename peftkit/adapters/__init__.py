@@ -1,0 +1,1 @@
+"""Adapter methods (LoRA and its relatives): peft configs, validation, initialisation."""

@@ -1,0 +1,1 @@
+"""`peftkit bench`: the harness, the baselines, FLOPs and reports."""

@@ -1,0 +1,318 @@
+"""`peftkit bench`: train a recipe for a fixed number of samples and measure it, side by side
+with the plain transformers Trainer + peft baseline (bench_hf.py) on the same work.
+
+    samples = steps x batch_size x grad_accum rows of data.train (select_samples), once each
+
+Every side runs in its own fresh Python process (bench_run.py), so each peak memory is its own;
+`inline=True` runs them one after another in this process instead (fast, for tests: then a
+later side's RSS baseline includes what earlier sides left behind). Throughput is measured over
+steps 2..N (step 1 pays one-off allocations and lazy initialisation) as useful tokens/s (real,
+non-padding input tokens) and samples/s; MFU is model FLOPs (flops.py) over the same steps
+divided by this machine's matmul peak measured in the same invocation.
+
+A comparison is only reported if both sides did the same work (`equal_work`): the same
+samples, the same token count, the same objective on an identical batch, and the same mean
+training loss within a tolerance; otherwise it is refused (exit 1) with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from peftkit.recipe.schema import Recipe, validate
+from peftkit.errors import RunError, UserError
+
+BASELINES = ("hf", "hf-grouped")
+# The objective on an identical batch (adapter off, so the base model): both sides compute the
+# same masked next-token mean; only float summation order differs.
+REFERENCE_RTOL = {"fp32": 1e-4, "mixed": 2e-2}
+# Mean training loss over the run. Both sides train the same samples once, in different orders
+# (peftkit's seeded permutation, the Trainer's sampler) and, with packing, the same per-step
+# losses; the run means then differ by the order's effect on a short run, not by the objective.
+MEAN_LOSS_RTOL = 0.02
+
+
+class UnequalWork(RunError):
+    """The two sides did not do the same work: the comparison is refused (exit 1)."""
+
+
+def bench_recipe(recipe: Recipe, steps: int, output_dir: str) -> Recipe:
+    """`recipe` trained for exactly `steps` optimizer steps, with nothing else in the timed
+    loop (no eval, a checkpoint only at the end)."""
+    t = recipe.train
+    train = dataclasses.replace(t, max_steps=steps, warmup_steps=min(t.warmup_steps, steps),
+                                log_every=1, eval_every=0, save_every=0, eval_generate=0,
+                                output_dir=output_dir, **_if_field(t, report_to="none"))
+    data = dataclasses.replace(recipe.data, eval="", eval_size=0)
+    launch = dataclasses.replace(recipe.launch, num_processes=1)
+    name = f"bench-{recipe.name or 'run'}"
+    return validate(dataclasses.replace(recipe, train=train, data=data, launch=launch, name=name))
+
+
+def _if_field(obj, **values) -> dict:
+    names = {f.name for f in dataclasses.fields(obj)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# The work every side must do, chosen and counted before any runs.
+
+def select_samples(recipe: Recipe, folder: str) -> tuple[Recipe, dict]:
+    """Choose the samples and write them to `folder`/samples.jsonl; point data.train there.
+
+    The samples are `steps` batches drawn at random (seeded) from one epoch over all of
+    data.train as the Trainer's length grouping orders it (transformers'
+    `get_length_grouped_indices`, the function behind `train_sampling_strategy=
+    "group_by_length"`, with its megabatches of up to 50 batches). The file keeps that order,
+    so the hf-grouped side, reading it sequentially, trains exactly the batches length grouping
+    forms in a full epoch; the other sides shuffle as they always do. (Grouping a small
+    benchmark subset itself would not group at all: the Trainer sizes megabatches from the
+    dataset, and below 4 x 2 batches each megabatch is a single batch.)
+    """
+    import random
+
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from peftkit.data import records as data
+    from peftkit.data.batching import loss_tokens
+    from peftkit.bench.hf import fingerprint
+    from peftkit.model.loading import base_path, load_tokenizer
+
+    d, t = recipe.data, recipe.train
+    tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
+    rows, _ = data.load_records(d.train, d.skip_bad_rows)
+    fmt = d.format if d.format != "auto" else data.detect_format(rows[0], rows[0].where)
+    candidates = []
+    for row in rows[: d.max_samples or None]:
+        try:
+            example = data.tokenize_record(row, fmt, tokenizer, d, row.where)
+        except data.BadRow:
+            if not d.skip_bad_rows:
+                raise
+            continue
+        if example is not None:
+            candidates.append((row, example))
+    group = t.batch_size * t.grad_accum
+    order = get_length_grouped_indices([len(e.input_ids) for _, e in candidates], group,
+                                       generator=torch.Generator().manual_seed(t.seed))
+    groups = [order[i:i + group] for i in range(0, len(order) - group + 1, group)]
+    if len(groups) < t.max_steps:
+        raise UserError(f"data.train: {len(candidates)} usable rows make {len(groups)} batches "
+                        f"of {group}, fewer than the {t.max_steps} steps asked for; lower "
+                        "--steps or add data")
+    picked = sorted(random.Random(t.seed).sample(range(len(groups)), t.max_steps))
+    chosen = [candidates[i] for g in picked for i in groups[g]]
+    path = Path(folder) / "samples.jsonl"
+    path.write_text("".join(json.dumps(dict(row), ensure_ascii=False) + "\n"
+                            for row, _ in chosen))
+    examples = [e for _, e in chosen]
+    lengths = [len(e.input_ids) for e in examples]
+    work = {"samples": len(examples), "tokens": sum(lengths), "labelled": loss_tokens(examples),
+            "lengths": lengths,
+            "fingerprints": sorted(fingerprint(e.input_ids) for e in examples),
+            "selection": {"rows": len(candidates), "batches_in_epoch": len(groups),
+                          "megabatch_batches": max(1, min(len(candidates) // (group * 4), 50)),
+                          "batches_picked": picked, "source": d.train}}
+    selected = dataclasses.replace(d, train=str(path), format=fmt, max_samples=0)
+    return dataclasses.replace(recipe, data=selected), work
+
+
+def flops_per_token(recipe: Recipe, work: dict) -> tuple[float, dict]:
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.bench.flops import shape_of, train_flops
+    from peftkit.model.loading import attach_adapter
+    from peftkit.model.summary import base_config
+
+    config, _ = base_config(recipe)
+    with torch.device("meta"):
+        shape = shape_of(attach_adapter(AutoModelForCausalLM.from_config(config),
+                                        recipe.adapter))
+    return train_flops(shape, work["lengths"], work["labelled"]) / work["tokens"], shape.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the sides.
+
+def _run_subprocess(side: str, recipe: Recipe, source: str, threads: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"side": side, "recipe": recipe.to_dict(), "source": source,
+                                    "threads": threads}))
+        code = subprocess.call([sys.executable, "-m", "peftkit.bench.side", str(spec), str(out)])
+        if code != 0 or not out.is_file():
+            raise RunError(f"the {side} side failed (exit code {code}; its output is above)")
+        return json.loads(out.read_text())
+
+
+def run_sides(recipe: Recipe, source: str, sides: list[str], inline: bool,
+              threads: int) -> dict[str, dict]:
+    from peftkit.bench.side import run_side
+
+    results = {}
+    for side in sides:
+        print(f"bench: running {side} ({'in this process' if inline else 'fresh process'})",
+              file=sys.stderr, flush=True)
+        results[side] = (json.loads(json.dumps(run_side(side, recipe, source))) if inline
+                         else _run_subprocess(side, recipe, source, threads))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and summarising.
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def equal_work(work: dict, sides: dict[str, dict], steps: int, mixed: bool) -> list[str]:
+    """Why the sides' work differs (empty when it is the same)."""
+    problems = []
+    ref = sides["peftkit"]
+    tol = REFERENCE_RTOL["mixed" if mixed else "fp32"]
+    for name, side in sides.items():
+        if len(side["step_tokens"]) != steps or len(side["step_loss"]) != steps:
+            problems.append(f"{name}: {len(side['step_tokens'])} steps logged, expected {steps}")
+        if sum(side["step_tokens"]) != work["tokens"]:
+            problems.append(f"{name}: trained {sum(side['step_tokens'])} tokens, the samples "
+                            f"hold {work['tokens']}")
+        if side["samples"] != work["fingerprints"]:
+            problems.append(f"{name}: did not train each of the {work['samples']} samples "
+                            "exactly once")
+        if not all(math.isfinite(x) for x in side["step_loss"]):
+            problems.append(f"{name}: non-finite training loss")
+        if name == "peftkit" or problems:
+            continue
+        if _rel(side["reference_loss"], ref["reference_loss"]) > tol:
+            problems.append(f"{name}: loss on the identical first batch (adapter off) "
+                            f"{side['reference_loss']:.6f} vs peftkit "
+                            f"{ref['reference_loss']:.6f}, beyond {tol:g} relative")
+        mine, theirs = statistics.fmean(ref["step_loss"]), statistics.fmean(side["step_loss"])
+        if _rel(mine, theirs) > MEAN_LOSS_RTOL:
+            problems.append(f"{name}: mean training loss {theirs:.4f} vs peftkit {mine:.4f}, "
+                            f"beyond {MEAN_LOSS_RTOL:.0%}")
+    return problems
+
+
+def summarise(side: dict, recipe: Recipe, per_token: float, peak_flops: float) -> dict:
+    timed = slice(1, None) if len(side["step_seconds"]) > 1 else slice(None)
+    seconds = sum(side["step_seconds"][timed])
+    tokens = sum(side["step_tokens"][timed])
+    per_step = recipe.train.batch_size * recipe.train.grad_accum
+    tps = tokens / seconds
+    mem = side["memory"]
+    return {
+        "tokens_per_s": tps,
+        "samples_per_s": len(side["step_seconds"][timed]) * per_step / seconds,
+        "step_seconds_mean": statistics.fmean(side["step_seconds"][timed]),
+        "step_seconds_median": statistics.median(side["step_seconds"][timed]),
+        "first_step_seconds": side["step_seconds"][0],  # untimed: allocations, compilation
+        "peak_memory_bytes": mem.get("above_baseline_bytes"),
+        "peak_memory_absolute_bytes": mem.get("peak_bytes"),
+        "memory_method": mem.get("method"),
+        "page_faults": mem.get("page_faults"),
+        "padding_share": 1 - sum(side["step_tokens"]) / side["computed_tokens"]
+        if side.get("computed_tokens") else None,
+        "mfu": per_token * tps / peak_flops,
+        "model_flops_per_s": per_token * tps,
+        "trainable": side["parameters"][0], "total": side["parameters"][1],
+        "final_loss": side["step_loss"][-1], "mean_loss": statistics.fmean(side["step_loss"]),
+        "reference_loss": side["reference_loss"], "packed": side["packed"],
+        "threads": side["threads"], "loadavg_before": side["loadavg_before"],
+        "loadavg_after": side["loadavg_after"],
+    }
+
+
+def environment() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("peftkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], text=True,
+                                capture_output=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain"],
+                                    text=True, capture_output=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = next((line.split(":", 1)[1].strip() for line in
+                       Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("model name")), platform.processor()) \
+            if Path("/proc/cpuinfo").is_file() else platform.processor()
+        device = f"{device}, {os.cpu_count()} cores"
+    return {"git_commit": commit, "git_dirty": dirty, "versions": versions, "device": device,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: int = 8,
+          out: str | None = None, inline: bool = False, threads: int = 0) -> dict:
+    """Run the benchmark; returns the result dict (also written to `out` as JSON)."""
+    from peftkit.bench.flops import matmul_peak
+    from peftkit.model.loading import base_path, resolve_precision
+
+    vs = vs or []
+    unknown = [v for v in vs if v not in BASELINES]
+    if unknown or steps < 1:
+        raise UserError(f"--vs {','.join(unknown)}: use {' or '.join(BASELINES)}" if unknown
+                        else f"--steps {steps}: must be >= 1")
+    if threads:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="peftkit-bench-runs-") as runs:
+        recipe = bench_recipe(recipe, steps, runs)
+        base_path(recipe.model)  # build a tiny base once, before the sides race to
+        recipe, work = select_samples(recipe, runs)
+        per_token, shape = flops_per_token(recipe, work)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve_precision(recipe.model, recipe.launch, device.type)
+        dtype = torch.bfloat16 if precision.mixed_precision == "bf16" else precision.dtype
+        peaks = [matmul_peak(device, dtype)]
+        sides = run_sides(recipe, source, ["peftkit", *vs], inline, torch.get_num_threads())
+        peaks.append(matmul_peak(device, dtype))
+    peak = max(p["best_flops"] for p in peaks)
+    result = {
+        "recipe": recipe.name.removeprefix("bench-"), "source": source, "steps": steps,
+        "samples": work["samples"], "tokens": work["tokens"], "labelled": work["labelled"],
+        "selection": work["selection"],
+        "settings": recipe.to_dict(), "environment": environment(),
+        "isolation": "in-process" if inline else "one fresh process per side",
+        "matmul_peak": {"flops": peak, "measurements": peaks},
+        "flops_per_token": per_token, "shape": shape,
+        "sides": {name: summarise(s, recipe, per_token, peak) for name, s in sides.items()},
+        "raw": {name: {k: s[k] for k in ("step_seconds", "step_tokens", "step_loss")}
+                for name, s in sides.items()},
+    }
+    problems = equal_work(work, sides, steps, precision.mixed_precision != "no") if vs else []
+    result["equal_work"] = {"ok": not problems, "problems": problems,
+                            "reference_rtol": REFERENCE_RTOL, "mean_loss_rtol": MEAN_LOSS_RTOL}
+    ours = result["sides"]["peftkit"]
+    result["ratios"] = {v: {
+        "tokens_per_s": ours["tokens_per_s"] / result["sides"][v]["tokens_per_s"],
+        "peak_memory": (ours["peak_memory_bytes"] / result["sides"][v]["peak_memory_bytes"]
+                        if result["sides"][v]["peak_memory_bytes"] else None)}
+        for v in vs} if not problems else {}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result

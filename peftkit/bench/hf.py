@@ -1,0 +1,163 @@
+"""The baseline of `peftkit bench`: plain transformers `Trainer` + peft, with their defaults.
+
+What a user would write without peftkit: the base model loaded with `from_pretrained` (default
+attention), `get_peft_model` with the same LoRA settings, a padding collator
+(`DataCollatorForSeq2Seq`: right padding, label -100 on pads), no packing, full logits and
+transformers' own loss. Same samples (the token ids and labels peftkit tokenized), batch size,
+accumulation, steps, learning rate, schedule, clipping and seed. `grouped=True` trains the
+batches the Trainer's length grouping forms (`train_sampling_strategy="group_by_length"`) over
+the whole dataset: `bench.select_samples` orders the samples that way, read sequentially here.
+
+Only official hooks observe the run: a `TrainerCallback` (step times, logged losses) and a
+wrapper around the collator (which samples, how many real and padded tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from array import array
+
+import torch
+
+from peftkit.data import records as data
+from peftkit.model import memory
+from peftkit.recipe.schema import Recipe
+from peftkit.model.loading import (base_path, count_parameters, load_tokenizer, lora_config,
+                              resolve_precision)
+
+
+def fingerprint(input_ids: list[int]) -> str:
+    """A short, process-independent digest of a sample's tokens."""
+    return hashlib.blake2b(array("q", input_ids).tobytes(), digest_size=8).hexdigest()
+
+
+class RecordingCollator:
+    """Calls `collator` and records, per micro-batch, the samples and real / computed tokens."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.samples: list[list[str]] = []
+        self.real: list[int] = []
+        self.computed: list[int] = []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        self.samples.append([fingerprint(list(f["input_ids"])) for f in features])
+        self.real.append(int(batch["attention_mask"].sum()))
+        self.computed.append(batch["input_ids"].numel())
+        return batch
+
+
+def _timer_callback():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+            self.losses: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.seconds.append(now - self.last)
+            self.last = now
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return StepTimer()
+
+
+def _load(recipe: Recipe, base: str, precision):
+    """from_pretrained (quantized as the recipe says) + the plain peft recipe."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.model import quantize
+
+    kwargs = {}
+    if recipe.model.quantize:
+        kwargs["quantization_config"] = quantize.bnb_config(recipe.model, precision.compute_dtype)
+        if torch.cuda.is_available():  # quantized weights are placed at load time
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=precision.dtype, **kwargs)
+    if recipe.model.quantize:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    return get_peft_model(model, lora_config(recipe.adapter))
+
+
+def _checkpointing(arguments_class, enabled: bool) -> dict:
+    """TrainingArguments for gradient checkpointing (renamed "activation" in transformers 5.2x)."""
+    if not enabled:
+        return {}
+    fields = arguments_class.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else \
+        "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def run(recipe: Recipe, grouped: bool = False) -> dict:
+    """Train `recipe` with the plain Trainer; the measurements `peftkit bench` compares."""
+    if not torch.cuda.is_available():  # the Trainer imports DeepSpeed when it is installed,
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # which would warn while guessing this
+    from transformers import (DataCollatorForSeq2Seq, PrinterCallback, Trainer,
+                              TrainingArguments, set_seed)
+
+    t = recipe.train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(recipe.model, recipe.launch, device.type)
+    base = base_path(recipe.model)
+    tokenizer, _ = load_tokenizer(base, recipe.model)
+    examples, _, _, _ = data.build(recipe.data, tokenizer, t.seed)
+    features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+    set_seed(t.seed)  # as peftkit does before building the adapter: same LoRA init
+    peak = memory.PeakMemory(device)
+    model = _load(recipe, base, precision)
+    collator = RecordingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                        label_pad_token_id=-100))
+    timer = _timer_callback()
+    with tempfile.TemporaryDirectory(prefix="peftkit-bench-hf-") as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, max_steps=t.max_steps,
+            warmup_steps=t.warmup_steps, lr_scheduler_type=t.scheduler,
+            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
+            **_checkpointing(TrainingArguments, t.gradient_checkpointing),
+            bf16=precision.mixed_precision == "bf16", fp16=precision.mixed_precision == "fp16",
+            use_cpu=device.type == "cpu", logging_steps=1, save_strategy="no",
+            report_to="none", disable_tqdm=True,
+            # The samples come in length-grouped order (bench.select_samples): read in order.
+            train_sampling_strategy="sequential" if grouped else "random")
+        trainer = Trainer(model=model, args=args, train_dataset=features,
+                          data_collator=collator, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # a printed dict per step; no effect on training
+        trainer.train()
+    measured = peak.measured()
+
+    # The objective on an identical batch (the first samples, in data order), adapter off: the
+    # loss of the base model as this side computes it, to compare with peftkit's.
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(features[:t.batch_size])
+        reference = model(**{k: v.to(model.device) for k, v in batch.items()}).loss.item()
+    per_step = t.grad_accum
+    return {
+        "step_seconds": timer.seconds,
+        "step_loss": timer.losses,
+        "step_tokens": [sum(collator.real[i:i + per_step])
+                        for i in range(0, len(collator.real), per_step)],
+        "computed_tokens": sum(collator.computed),
+        "samples": sorted(s for batch in collator.samples for s in batch),
+        "reference_loss": reference,
+        "parameters": count_parameters(model),
+        "memory": measured,
+        "packed": False,
+    }

@@ -1,0 +1,1 @@
+"""Training data: sources, formats, rendering and masking, batching and packing."""

@@ -1,0 +1,1 @@
+"""Turning a finished run into something else: a merged, verified model."""

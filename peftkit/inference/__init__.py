@@ -1,0 +1,1 @@
+"""Using a finished run: held-out evaluation and generation."""

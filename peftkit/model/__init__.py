@@ -1,0 +1,1 @@
+"""The base model: sources, loading, precision, quantization, tiny offline stand-ins."""

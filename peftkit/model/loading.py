@@ -1,0 +1,175 @@
+"""Load the base model and tokenizer a recipe names, and attach its LoRA adapter through peft."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from peftkit.adapters import methods
+from peftkit.model import quantize
+from peftkit.recipe.schema import Launch, Lora, Model
+from peftkit.errors import UserError
+from peftkit.model.tiny import build_tiny, tokenizer_dir
+
+# Tokenizers that ship without a chat template (base models) get peftkit's own: a plain,
+# prefix-stable "User:/Assistant:" layout (the one the tiny models use).
+DEFAULT_CHAT_TEMPLATE = (tokenizer_dir() / "chat_template.jinja").read_text()
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>",
+                  "<unk>")
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype
+    mixed_precision: str  # accelerate's value: no | bf16 | fp16
+    notes: list[str] = field(default_factory=list)
+    compute_dtype: torch.dtype | None = None  # of 4-bit layers; None when not 4-bit
+
+
+def resolve_precision(model: Model, launch: Launch, device_type: str,
+                      bf16_ok: bool | None = None) -> Precision:
+    """Weight dtype and autocast for this device. CPU always trains in fp32: this CPU class
+    has no bf16 units, and bf16 there is an order of magnitude slower. `bf16_ok` overrides
+    the probe of this machine's GPU (memory estimates for a GPU elsewhere)."""
+    if bf16_ok is None:
+        bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    notes = []
+    dtype = model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if bf16_ok else "float32"
+    elif device_type == "cpu" and dtype != "float32":
+        notes.append(f"model.dtype={dtype} on CPU: using float32")
+        dtype = "float32"
+    mixed = launch.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if bf16_ok else "no"
+    elif device_type == "cpu" and mixed != "no":
+        notes.append(f"launch.mixed_precision={mixed} on CPU: using no (fp32)")
+        mixed = "no"
+    compute, quant_notes = quantize.compute_dtype(model, device_type, bf16_ok)
+    return Precision(getattr(torch, dtype), mixed, notes + quant_notes,
+                     getattr(torch, compute) if compute else None)
+
+
+def base_path(model: Model) -> str:
+    """Where the base weights come from: the tiny form's cache directory, or name/path."""
+    return str(build_tiny(model.name, model.arch, model.tiny_size)) if model.tiny else model.name
+
+
+def _offline_error(what: str, name: str, exc: Exception) -> UserError:
+    return UserError(f"cannot load {what} {name!r}: {type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else ''} — the Hugging Face Hub "
+                     "may be unreachable; use a local path, or model.tiny=true for the offline "
+                     "tiny form")
+
+
+def load_tokenizer(path: str, model: Model):
+    """The tokenizer, with a pad token that is not EOS and a chat template.
+
+    Returns (tokenizer, changed): `changed` means it differs from the base's and must be saved
+    with the run. The pad id only fills positions that are masked out of attention and loss,
+    so reusing an existing token never needs new embedding rows.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+    except OSError as exc:
+        raise _offline_error("the tokenizer of", path, exc) from exc
+    changed = False
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        vocab = tok.get_vocab()
+        pad = next((t for t in PAD_CANDIDATES if t in vocab and vocab[t] != tok.eos_token_id),
+                   None)
+        if pad is None:
+            raise UserError(f"tokenizer of {path!r} has no pad token distinct from EOS; add one "
+                            "(e.g. tokenizer.add_special_tokens) and point model.name at it")
+        tok.pad_token = pad
+        changed = True
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+        changed = True
+    return tok, changed
+
+
+def load_model(path: str, model: Model, dtype: torch.dtype,
+               compute_dtype: torch.dtype | None = None, device=None):
+    """The base model; with `model.quantize`, loaded quantized by bitsandbytes straight onto
+    `device` (quantized weights cannot be moved there afterwards)."""
+    from transformers import AutoModelForCausalLM
+
+    attn = None if model.attn_implementation == "auto" else model.attn_implementation
+    quantized = {}
+    if model.quantize:
+        quantized = {"quantization_config": quantize.bnb_config(model, compute_dtype)}
+        if device is not None:
+            quantized["device_map"] = {"": device}
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn,
+            revision=model.revision, trust_remote_code=model.trust_remote_code, **quantized)
+    except OSError as exc:
+        raise _offline_error("model", path, exc) from exc
+    except ValueError as exc:
+        if "attention implementation" not in str(exc):
+            raise
+        raise UserError(f"model.attn_implementation={attn}: not supported by this "
+                        "architecture; use auto or eager") from exc
+    # Training never uses a KV cache; with one, packed samples would attend to each other.
+    base.config.use_cache = False
+    return base
+
+
+def prepare_for_training(base, model: Model, gradient_checkpointing: bool):
+    """Ready a loaded base for adapter training. The one place that decides both k-bit
+    preparation and gradient checkpointing (peft's k-bit helper would otherwise turn
+    checkpointing on by itself, through a deprecated transformers call)."""
+    if model.quantize:
+        base = quantize.prepare_for_kbit_training(base)
+    if gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs and does not warn; transformers still hooks
+        # the embedding output to require grad ("input grads"), which is harmless here.
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return base
+
+
+def lora_config(adapter: Lora):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+        target_modules=methods.target_modules(adapter.targets), use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora, init_lora_weights=methods.init_lora_weights(adapter.init),
+        bias=adapter.bias, task_type="CAUSAL_LM",
+        rank_pattern=methods.parse_pattern(adapter.rank_pattern, int),
+        alpha_pattern=methods.parse_pattern(adapter.alpha_pattern, float),
+        modules_to_save=methods.names(adapter.modules_to_save),
+    )
+
+
+def attach_adapter(base, adapter: Lora):
+    """Wrap `base` in a PeftModel: base weights frozen, adapter weights trainable."""
+    from peft import get_peft_model
+
+    try:
+        config = (lora_config(adapter) if adapter.method == "lora"
+                  else methods.non_lora_config(adapter, base.config.model_type))
+        return get_peft_model(base, config)
+    except ValueError as exc:  # peft names the unmatched target modules
+        raise UserError(f"adapter.targets={adapter.targets!r}: {str(exc).splitlines()[0]}") \
+            from exc
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    from peftkit.training.distributed import numel
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,376 @@
+"""Training memory: an estimate from the model config and the recipe, before anything loads,
+and the measured peak of a run, so each run checks the estimate (result.json, `memory`).
+
+The estimate adds up what one process holds at the peak of a training step:
+
+- base weights at their stored size. 4-bit: 0.5 byte/param plus one absmax per 64-value
+  block (4 bytes; with double quantization 1 byte plus a float32 per 256 blocks). int8: 1
+  byte/param plus a float32 scale per output row. bitsandbytes quantizes `nn.Linear` layers
+  only and skips the LM head (and weights tied to it), so embeddings, norms and the head keep
+  model.dtype, which peft's k-bit preparation upcasts to float32;
+- adapter weights, their gradients and AdamW's two states: float32, 16 bytes per parameter;
+- activations saved for backward. Per token and decoder layer, in values (h hidden size,
+  a = heads x head_dim, I = MLP width), counted from what autograd saves in a Llama layer:
+  4h (input and output of both norms) + 4a (attention's q, k, v, output; k and v at full
+  width, as transformers repeats grouped KV heads when a batch is padded) + 4I (gate, up,
+  activation, product) + r per adapted linear + with padded (not packed) batches max_len
+  (SDPA's additive mask) + with LoRA dropout each adapted linear's dropped input and its
+  1-byte mask. Gradient checkpointing keeps only each layer's input (h), and with an int8
+  base also the inputs of its 8-bit layers (2h + a + I: bitsandbytes keeps them on the
+  autograd context, out of checkpointing's reach). Plus 2h for the final norm;
+- the backward working set: the larger of the logits of the labelled positions (peftkit runs
+  the LM head only there, in chunks of at most CHUNK_LOGITS logits, head_loss.py: logits,
+  softmax and gradient of one chunk in float32, plus the hidden-state gradient of every
+  position) and one layer's backward
+  (its recompute under checkpointing, hidden- and MLP-sized gradients, one quantized weight
+  dequantized). Backward frees the logits before it reaches the layers, so never both.
+
+Assumptions: every micro-batch holds `train.batch_size` x `data.max_len` tokens, all of them
+labelled (an upper bound for short or completion-only data). Activations take 2 bytes under
+16-bit weights or autocast with an unquantized base, else 4 (a quantized base keeps a float32
+residual stream). Not counted: python and torch themselves, the tokenized data, the CUDA
+context, and allocator caching or fragmentation (CPU RSS: see README, "Memory estimate vs
+measured").
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import resource
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from peftkit.recipe.schema import Recipe
+
+try:
+    from peftkit.model.head_loss import CHUNK_LOGITS
+except ImportError:  # a loss that holds every logit at once
+    CHUNK_LOGITS = 0
+
+GB = 1024 ** 3
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, int]             # component -> bytes, in display order
+    notes: dict[str, str]             # component -> how it was counted
+    precision: str                    # e.g. "float32 weights, float32 activations"
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def to_dict(self) -> dict:
+        return {"total_bytes": self.total, "parts_bytes": dict(self.parts),
+                "precision": self.precision}
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def quantized_bytes(numel: int, rows: int, quantize: str, double_quant: bool) -> int:
+    """Stored bytes of one linear weight of `numel` values (`rows` output rows)."""
+    if quantize == "int8":
+        return numel + 4 * rows                       # int8 values + float32 scale per row
+    blocks = -(-numel // 64)                          # bitsandbytes' 4-bit block size
+    data = -(-numel // 2) + 16 * 4                    # two values per byte + the 16-value code
+    if double_quant:                                  # absmax as uint8 + float32 per 256 blocks
+        return data + blocks + 4 * -(-blocks // 256) + 256 * 4 + 4
+    return data + 4 * blocks
+
+
+def _skipped_by_bitsandbytes(model) -> list[str]:
+    """Module names transformers keeps unquantized (the LM head, tied and fp32-kept ones)."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+        return get_keys_to_not_convert(model) + list(model._keep_in_fp32_modules or [])
+    except (ImportError, AttributeError):  # moved in some transformers release: the usual set
+        return ["lm_head"]
+
+
+def _converted(name: str, skip: list[str]) -> bool:
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+        return should_convert_module(name, skip)
+    except ImportError:
+        return not any(name == s or name.endswith("." + s) for s in skip)
+
+
+def base_bytes(model, recipe: Recipe, weight_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(quantized linear bytes, other weight bytes, largest quantized weight in values)."""
+    from torch import nn
+
+    m = recipe.model
+    quantized_ids, quantized, largest = set(), 0, 0
+    if m.quantize:
+        skip = _skipped_by_bitsandbytes(model)
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and _converted(name, skip):
+                w = module.weight
+                quantized += quantized_bytes(w.numel(), w.shape[0], m.quantize, m.double_quant)
+                quantized_ids.add(id(w))
+                largest = max(largest, w.numel())
+    # peft's k-bit preparation upcasts the unquantized 16-bit weights to float32.
+    other_size = 4 if m.quantize else _size(weight_dtype)
+    other = sum(p.numel() * other_size for p in model.parameters() if id(p) not in quantized_ids)
+    return quantized, other, largest
+
+
+def _adapted_linears(peft_model) -> list:
+    """LoRA layers of the first decoder layer (every layer of these models is alike)."""
+    from peft.tuners.lora import LoraLayer
+
+    found = [mod for name, mod in peft_model.named_modules()
+             if isinstance(mod, LoraLayer) and ".layers.0." in name]
+    return found
+
+
+def activation_floats_per_token(config, recipe: Recipe, adapted: list) -> dict[str, float]:
+    """Saved-for-backward values per token of one decoder layer (see the module doc)."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    a = heads * (getattr(config, "head_dim", None) or h // heads)
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    r = recipe.adapter.r
+    lora = r * len(adapted)
+    dropout = 0.0
+    if recipe.adapter.dropout > 0:
+        dropout = sum(_in_features(mod) for mod in adapted) * (1 + 0.25)  # values + byte masks
+    # Padded batches: SDPA keeps an additive mask (max_len values per token) in every layer.
+    mask = 0 if getattr(recipe.data, "packing", False) else recipe.data.max_len
+    checkpoint = h
+    if recipe.model.quantize == "int8":
+        # bitsandbytes' 8-bit matmul keeps its input on the autograd context, where
+        # checkpointing cannot drop it: the attention and MLP inputs, o_proj's and down_proj's.
+        checkpoint += 2 * h + a + inter
+    return {"layer": 4 * h + 4 * a + 4 * inter + lora + dropout + mask, "checkpoint": checkpoint}
+
+
+def _in_features(mod) -> int:
+    base = mod.get_base_layer()
+    return getattr(base, "in_features", 0) or base.weight.shape[1]
+
+
+def estimate(recipe: Recipe, config, precision) -> Estimate:
+    """Peak training memory of one process for `recipe` on `config` (a transformers config),
+    with `precision` from `modeling.resolve_precision` for the target device."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.training.distributed import plain_construction
+    from peftkit.model.loading import attach_adapter
+
+    config = copy.deepcopy(config)  # a loaded base's config may say how it was quantized
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"), plain_construction():
+        model = AutoModelForCausalLM.from_config(config)
+        quantized, other, largest = base_bytes(model, recipe, precision.dtype)
+        peft_model = attach_adapter(model, recipe.adapter)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    # A quantized base keeps float32 activations even under 16-bit autocast: peft's k-bit
+    # preparation upcasts embeddings and norms to float32, and bitsandbytes returns each
+    # layer's output in its input dtype, so the residual stream stays float32.
+    sixteen = (precision.mixed_precision in ("bf16", "fp16") or _size(precision.dtype) == 2) \
+        and not recipe.model.quantize
+    act = 2 if sixteen else 4
+    compute = _size(precision.compute_dtype) if precision.compute_dtype is not None else act
+
+    parts, notes = {}, {}
+    m = recipe.model
+    if m.quantize:
+        parts["base: quantized linears"] = quantized
+        notes["base: quantized linears"] = m.quantize + " + double quant" * (
+            m.double_quant and m.quantize != "int8")
+        parts["base: other weights"] = other
+        notes["base: other weights"] = "embeddings, norms, LM head in float32"
+    else:
+        parts["base weights"] = other
+        notes["base weights"] = str(precision.dtype).removeprefix("torch.")
+    for name, size, note in (
+            ("adapter weights", 4, f"{trainable:,} trainable params, float32"),
+            ("adapter gradients", 4, "float32"),
+            ("AdamW states", 8, "2 x float32 per trainable param")):
+        parts[name], notes[name] = size * trainable, note
+    act_parts = _activation_parts(config, recipe, _adapted_linears(peft_model), act,
+                                  largest * compute)
+    for name, (size, note) in act_parts.items():
+        parts[name], notes[name] = int(size), note
+    t, d = recipe.train, recipe.data
+    return Estimate(parts, notes, f"{str(precision.dtype).removeprefix('torch.')} weights, "
+                    f"{'16-bit' if sixteen else 'float32'} activations",
+                    [f"micro-batch {t.batch_size} x {d.max_len} tokens, all labelled"])
+
+
+def _activation_parts(config, recipe: Recipe, adapted: list, act: int,
+                      dequantized: int) -> dict[str, tuple[float, str]]:
+    """{"activations": (bytes, how), "backward working set": (bytes, which)}."""
+    t = recipe.train
+    tokens = t.batch_size * recipe.data.max_len
+    layers, h = config.num_hidden_layers, config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    per = activation_floats_per_token(config, recipe, adapted)
+    kept = per["checkpoint"] if t.gradient_checkpointing else per["layer"]
+    saved = tokens * (layers * kept + 2 * h) * act  # + the final norm's input and output
+    how = (f"{layers} layer inputs (gradient checkpointing)" if t.gradient_checkpointing else
+           f"{layers} layers x {per['layer']:,.0f} values/token") + f" x {tokens:,} tokens x {act} B"
+    # Backward frees the logits before it reaches the decoder layers: the peak holds either
+    # the logits with their gradient, or one layer's backward, not both.
+    vocab = config.vocab_size
+    # peftkit's head loss goes through the labelled positions in chunks of CHUNK_LOGITS
+    # logits (head_loss.py); a chunk holds logits, softmax and gradient at most, and the
+    # hidden-state gradient of every position is kept.
+    chunk = min(tokens * vocab, CHUNK_LOGITS or tokens * vocab)
+    logits = chunk * 12 + (tokens * h * 4 if chunk < tokens * vocab else 0)
+    layer = (per["layer"] * t.gradient_checkpointing + 2 * h + 2 * inter) * tokens * act \
+        + dequantized
+    if logits >= layer:
+        chunked = f" in chunks of {chunk:,}" if chunk < tokens * vocab else ""
+        working = (logits, f"logits of {tokens:,} labelled positions x vocab {vocab:,}{chunked}"
+                           f" (logits, softmax, gradient: 3 x float32) > one layer's "
+                           f"backward {human(layer)}")
+    else:
+        working = (layer, f"one layer's backward{' with its recompute' * t.gradient_checkpointing}"
+                          f" > logits {human(logits)}")
+    return {"activations": (saved, how), "backward working set": working}
+
+
+# ---------------------------------------------------------------------------------------------
+# What the device offers, and what a run measured.
+
+def device_total(device_type: str) -> tuple[int, str]:
+    """(bytes, description) of the memory a run would use: the GPU's, or system RAM."""
+    if device_type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, f"{props.name} memory"
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "system RAM"
+    except (ValueError, OSError, AttributeError):
+        return 0, "system RAM (unknown)"
+
+
+def _maxrss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _current_rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+            return psutil.Process().memory_info().rss
+        except ImportError:
+            return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: restart the kernel's peak-RSS counter (what ru_maxrss reports) from now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of this process from construction on.
+
+    CUDA: `torch.cuda.max_memory_allocated` above what was allocated at the start. CPU: peak
+    RSS (`ru_maxrss`) above the RSS at the start; on Linux the kernel's peak counter is reset
+    at the start, elsewhere ru_maxrss is the whole process's peak, so earlier work can hide in
+    it. RSS also counts allocator caching and library workspaces, which the estimate does not.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline = torch.cuda.memory_allocated(device)
+            self.method = "torch.cuda.max_memory_allocated above the allocation at start"
+        else:
+            self.faults = _page_faults()
+            self.reset = _reset_peak_rss()
+            current = _current_rss()
+            self.baseline = current if current is not None else _maxrss_bytes()
+            self.method = ("peak RSS (ru_maxrss, counter reset at start) above the RSS at start"
+                           if self.reset else "process peak RSS (ru_maxrss) above the RSS at start")
+
+    def measured(self) -> dict:
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else _maxrss_bytes()
+        out = {"peak_bytes": peak, "baseline_bytes": self.baseline,
+               "above_baseline_bytes": max(0, peak - self.baseline), "method": self.method}
+        if not self.cuda:  # fresh pages the kernel had to supply: memory churn, which costs
+            out["page_faults"] = _page_faults() - self.faults  # differently on each host
+        return out
+
+
+def _page_faults() -> int:
+    """Minor page faults of this process so far (each one a fresh page handed out)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def report(estimate: Estimate, peak: PeakMemory) -> dict:
+    """The `memory` entry of result.json: estimate, measurement and their ratio."""
+    measured = peak.measured()
+    ratio = measured["above_baseline_bytes"] / estimate.total if estimate.total else None
+    return {"estimate": estimate.to_dict(), "measured": measured,
+            "measured_over_estimate": ratio}
+
+
+def human(n: float) -> str:
+    for unit, scale in (("GB", GB), ("MB", 1024 ** 2), ("KB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def print_estimate(recipe: Recipe, console) -> None:
+    """`peftkit show`: the estimate for the device this machine would train on and, without a
+    GPU here, for a bf16-capable GPU (what the real recipes are sized for)."""
+    from rich.table import Table
+
+    from peftkit.model.loading import resolve_precision
+    from peftkit.model.summary import base_config
+
+    config, source = base_config(recipe)
+    if config is None:
+        console.print("memory estimate: unknown (base config unavailable offline)")
+        return
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    targets = {here: estimate(recipe, config, resolve_precision(recipe.model, recipe.launch,
+                                                                here))}
+    if here == "cpu":
+        targets["bf16 GPU"] = estimate(recipe, config, resolve_precision(
+            recipe.model, recipe.launch, "cuda", bf16_ok=True))
+    first = next(iter(targets.values()))
+    table = Table(title=f"memory estimate per process (peak of a training step; "
+                        f"{first.assumptions[0]})", title_justify="left", box=None,
+                  padding=(0, 2))
+    table.add_column("part")
+    for name in targets:
+        table.add_column(name, justify="right")
+    table.add_column("how it is counted", overflow="fold")
+    for part in first.parts:
+        table.add_row(part, *[human(e.parts[part]) for e in targets.values()],
+                      f"[dim]{first.notes[part]}[/]")
+    table.add_row("[bold]total[/]", *[f"[bold]{human(e.total)}[/]" for e in targets.values()],
+                  "[dim]+ CUDA context (~1 GB) on a GPU; see peftkit/memory.py[/]")
+    console.print(table)
+    console.print("  " + "; ".join(f"{name}: {e.precision}" for name, e in targets.items()))
+    available, what = device_total(here)
+    if available:
+        share = first.total / available
+        colour = "green" if share < 0.9 else "red"
+        console.print(f"{here}: [{colour}]{human(first.total)} of {human(available)} {what} "
+                      f"({100 * share:.0f}%)[/]")

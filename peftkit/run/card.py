@@ -1,0 +1,120 @@
+"""The model card (README.md) of a run: Hub metadata, how it was trained, what it scored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peftkit.adapters import methods
+from peftkit.recipe.schema import Recipe
+
+LABELS = {"lora": "LoRA", "ia3": "IA3", "prompt_tuning": "prompt-tuning"}
+
+
+def _is_hub_id(source: str) -> bool:
+    return bool(source) and not source.startswith("peftkit:") and not Path(source).exists() \
+        and source.count("/") == 1
+
+
+def metadata(recipe: Recipe, merged: bool = False) -> str:
+    """The card's YAML header. A merged model is a plain transformers model (library_name
+    transformers), an adapter a peft one."""
+    from huggingface_hub import ModelCardData
+
+    tiny = recipe.model.tiny
+    card = ModelCardData(
+        base_model=None if tiny else recipe.model.name,
+        library_name="transformers" if merged else "peft", pipeline_tag="text-generation",
+        license=recipe.hub.license or None,
+        tags=["peftkit", recipe.adapter.method.replace("_", "-")]
+        + (["qlora"] if recipe.model.quantize else []) + (["merged"] if merged else [])
+        + (["tiny-random"] if tiny else []),
+        datasets=[recipe.data.train] if _is_hub_id(recipe.data.train) else None)
+    return card.to_yaml()
+
+
+def usage(repo_id: str = "", merged: bool = False) -> str:
+    """How to load the adapter with plain peft (or the merged model with plain transformers)."""
+    where = repo_id or ("PATH_OR_REPO_OF_THIS_MODEL" if merged else "PATH_OR_REPO_OF_THIS_ADAPTER")
+    if merged:
+        return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f'model = AutoModelForCausalLM.from_pretrained("{where}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n```\n')
+    return ("```python\nfrom peft import PeftConfig, PeftModel\n"
+            "from transformers import AutoModelForCausalLM\n\n"
+            f'adapter = "{where}"\n'
+            "base = AutoModelForCausalLM.from_pretrained(\n"
+            "    PeftConfig.from_pretrained(adapter).base_model_name_or_path)\n"
+            "model = PeftModel.from_pretrained(base, adapter)\n```\n")
+
+
+def merge_section(report: dict) -> str:
+    """What `peftkit merge` verified (its merge_report.json)."""
+    lines = [f"The adapter was merged into the base in {report['dtype']} with `peftkit merge`"
+             + (f", from an unquantized copy of the base it was trained on in "
+                f"{report['dequantized_from']}" if report.get("dequantized_from") else "")
+             + ", and checked on held-out tokens before saving:", ""]
+    for check in report.get("checks", []):
+        mark = "passed" if check["ok"] else "FAILED"
+        lines.append(f"- {check['name']}: {check['summary']} ({mark})")
+    return "\n".join(lines) + "\n\n"
+
+
+def _table(evals: dict) -> str:
+    before, after = evals.get("before", {}), evals.get("after", {})
+    keys = [k for k in ("eval_loss", "exact_match") if k in after]
+    if not keys:
+        return "No held-out evaluation was run.\n"
+    rows = ["| metric | before training | after training |", "|---|---|---|"]
+    for k in keys:
+        fmt = (lambda v: f"{100 * v:.1f}%") if k == "exact_match" else (lambda v: f"{v:.4f}")
+        rows.append(f"| {k} | {fmt(before[k]) if k in before else '-'} | {fmt(after[k])} |")
+    return "\n".join(rows) + "\n"
+
+
+def _fmt(key: str, value) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{100 * value:.1f}%" if key == "exact_match" else f"{value:.4f}"
+
+
+def eval_table(evals: dict | None) -> str:
+    """The results of `peftkit eval` (eval.json): the base alone and with the adapter."""
+    if not evals:
+        return ""
+    base, adapter = evals.get("base", {}), evals.get("adapter", {})
+    keys = list(dict.fromkeys([*adapter.get("metrics", {}), *base.get("metrics", {})]))
+    rows = ["| metric | base model | with adapter |", "|---|---|---|"]
+    rows += [f"| {k} | {_fmt(k, base.get('metrics', {}).get(k))} | "
+             f"{_fmt(k, adapter.get('metrics', {}).get(k))} |" for k in keys]
+    sources = sorted({f"`{e['data']}` ({e['samples']} samples)" for e in (base, adapter) if e})
+    return ("### `peftkit eval`\n\n" + "\n".join(rows) + "\n\nData: " + ", ".join(sources)
+            + "\n\n")
+
+
+def model_card(recipe: Recipe, result, metrics: list[dict], evals: dict | None = None,
+               repo_id: str = "", merge: dict | None = None) -> str:
+    """The card; `evals` = eval.json (results of `peftkit eval`), when there is one;
+    `repo_id` (default: hub.repo_id) goes into the usage snippet; `merge` (a
+    merge_report.json) makes it the card of the merged model rather than of the adapter."""
+    m, a = recipe.model, recipe.adapter
+    base = (f"peftkit's tiny random-weight stand-in for `{m.name}` (same architecture, "
+            "scaled down, built offline); it is not the real model" if m.tiny else f"`{m.name}`")
+    peak = (getattr(result, "memory", None) or {}).get("measured", {}).get("peak_bytes")
+    return (
+        f"---\n{metadata(recipe, merged=merge is not None).rstrip()}\n---\n\n"
+        f"# {recipe.name}: {LABELS[a.method]} adapter"
+        + (" merged into its base" if merge is not None else "") + "\n\n"
+        + (f"A LoRA adapter (r={a.r}, alpha={a.alpha:g}, targets `{a.targets}`)"
+           if a.method == "lora" else f"A {methods.describe(a)} adapter") +
+        f" for {base}, trained with "
+        f"peftkit on `{recipe.data.train}`.\n\n"
+        f"- trainable parameters: {result.trainable:,} of {result.total:,}\n"
+        f"- optimizer steps: {result.steps}; final training loss {result.train_loss:.4f}\n"
+        f"- throughput: {result.tokens_per_s:,.0f} useful tokens/s\n"
+        + (f"- peak training memory: {peak / 2**20:,.0f} MiB\n" if peak else "") + "\n"
+        f"## Evaluation (held-out data)\n\n{_table(result.evals)}\n{eval_table(evals)}"
+        + (f"## Merge\n\n{merge_section(merge)}" if merge is not None else "") +
+        "## Training curve\n\n![loss](loss.png)\n\n"
+        f"## Usage\n\n{usage(repo_id or recipe.hub.repo_id, merged=merge is not None)}\n"
+        "## Recipe\n\n```json\n" + json.dumps(recipe.to_dict(), indent=2) + "\n```\n")

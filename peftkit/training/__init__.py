@@ -1,0 +1,1 @@
+"""The training loop and what it needs: loss, checkpoints, resume, signals, distribution, launch."""

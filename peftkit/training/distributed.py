@@ -1,0 +1,279 @@
+"""Distribution strategy: DDP (default), FSDP2 or DeepSpeed ZeRO, all through accelerate.
+
+Everything the training loop does differently per strategy is here: which plugin accelerate
+gets, how a backward pass ends, which state is sharded, and how the adapter's full weights
+are gathered for saving. DDP needs nothing special: every process holds all of it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+
+import torch
+
+from peftkit.recipe.schema import Recipe
+from peftkit.errors import UserError
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def strategy(recipe: Recipe) -> str:
+    """ddp, fsdp or deepspeed: the recipe's choice, or the one an accelerate config made
+    (`accelerate launch --config_file ...` exports ACCELERATE_USE_FSDP / _DEEPSPEED)."""
+    fsdp = recipe.launch.strategy == "fsdp" or _env_flag("ACCELERATE_USE_FSDP")
+    deepspeed = recipe.launch.strategy == "deepspeed" or _env_flag("ACCELERATE_USE_DEEPSPEED")
+    if fsdp and deepspeed:
+        raise UserError("both FSDP and DeepSpeed were asked for (launch.strategy and the "
+                        "accelerate config disagree); pick one")
+    return "fsdp" if fsdp else "deepspeed" if deepspeed else "ddp"
+
+
+def check(recipe: Recipe) -> str:
+    """The strategy, after refusing (before any weights load) combinations that cannot work."""
+    chosen = strategy(recipe)
+    if chosen == "ddp":
+        return chosen
+    if recipe.train.compile:
+        raise UserError(f"train.compile=true with launch.strategy={chosen} is not supported "
+                        "yet; set train.compile=false")
+    packed_4bit = recipe.model.quantize and recipe.model.quant_storage in ("auto", "uint8")
+    if chosen == "fsdp" and packed_4bit:
+        raise UserError("FSDP with a quantized base needs model.quant_storage equal to the "
+                        "compute dtype (e.g. bfloat16 on GPU, float32 on CPU) so shards can "
+                        "be flattened together")
+    if chosen == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:  # (importing it takes seconds)
+            raise UserError("launch.strategy=deepspeed needs DeepSpeed: pip install "
+                            "'peftkit[deepspeed]'")
+        if recipe.model.quantize and _zero_stage(recipe) == 3:
+            raise UserError("DeepSpeed ZeRO-3 cannot shard a bitsandbytes-quantized base; use "
+                            "launch.zero_stage=2, or launch.strategy=fsdp with "
+                            "model.quant_storage set")
+    return chosen
+
+
+def _zero_stage(recipe: Recipe) -> int:
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and "ACCELERATE_DEEPSPEED_ZERO_STAGE" in os.environ:
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    return recipe.launch.zero_stage
+
+
+def accelerator_args(recipe: Recipe, device_type: str) -> dict:
+    """Keyword arguments for `Accelerator(...)` that select the strategy's plugin."""
+    chosen = check(recipe)
+    if chosen == "fsdp":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        return {"fsdp_plugin": FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            state_dict_type="FULL_STATE_DICT", reshard_after_forward=True,
+            cpu_ram_efficient_loading=False)}
+    if chosen == "deepspeed":
+        return _deepspeed_args(recipe, device_type)
+    return {}
+
+
+def _deepspeed_args(recipe: Recipe, device_type: str) -> dict:
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    t = recipe.train
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file != "none":  # the user's own DeepSpeed config, through their accelerate one
+        try:
+            config = json.loads(open(config_file).read())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"DeepSpeed config {config_file}: cannot read it ({exc})") from None
+    else:
+        config = {"zero_optimization": {"stage": _zero_stage(recipe)}}
+    # peftkit accumulates micro-batches itself (one engine step per optimizer step) and
+    # normalises the loss over the global batch's labelled tokens: DeepSpeed must neither
+    # accumulate nor rescale on its own.
+    ours = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": "auto", "gradient_clipping": t.max_grad_norm or 0.0}
+    replaced = [f"{k}={config[k]!r}" for k, v in ours.items()
+                if config.get(k, "auto") not in ("auto", v)]
+    if replaced and os.environ.get("RANK", "0") == "0":
+        print(f"note: {config_file}: {', '.join(replaced)} replaced by the recipe's "
+              "train.batch_size, train.grad_accum (peftkit accumulates itself) and "
+              "train.max_grad_norm", file=sys.stderr)
+    config.update(ours, steps_per_print=2 ** 62)
+    plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
+    # On CPU, accelerate picks no process-group backend (DeepSpeed would start gloo on its
+    # own, with accelerate seeing one process): ask for gloo explicitly.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if device_type == "cpu" else []
+    return {"deepspeed_plugin": plugin, "kwargs_handlers": handlers}
+
+
+def activate(accelerator, recipe: Recipe) -> None:
+    """Make sure the strategy asked for is the one running, or stop: never pretend to shard.
+
+    accelerate only routes FSDP for accelerator devices; with N CPU processes (gloo) it
+    silently runs DDP. torch's FSDP2 (`fully_shard`) does shard over gloo, so peftkit switches
+    accelerate's state to its own FSDP2 path there: the same wrapping, state-dict gathering
+    and sharded checkpoints as on GPUs, which is also how the tests exercise that path.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    wanted = strategy(recipe)
+    state = accelerator.state
+    if wanted == "deepspeed":  # DeepSpeed calls collectives torch has renamed, every step
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`torch\.distributed\.\w+` is deprecated")
+    if wanted == "fsdp" and not uses_fsdp(accelerator):
+        if state.distributed_type == DistributedType.MULTI_CPU:
+            # What AcceleratorState.__init__ does for the device types it routes (both shared
+            # states: a later AcceleratorState() copies PartialState's over its own).
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = accelerator_args(recipe, "cpu")["fsdp_plugin"]
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            return
+    if wanted != "ddp" and strategy_of(accelerator) != wanted:
+        raise UserError(f"launch.strategy={wanted} needs a distributed launch, but this is "
+                        f"{accelerator.num_processes} process ({state.distributed_type.value}); "
+                        "run `peftkit train NAME --nproc N` (or accelerate launch), or use "
+                        "launch.strategy=ddp")
+
+
+def strategy_of(accelerator) -> str:
+    return "fsdp" if uses_fsdp(accelerator) else \
+        "deepspeed" if uses_deepspeed(accelerator) else "ddp"
+
+
+def uses_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int:
+    return accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else 0
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether each process holds only part of the weights (FSDP, ZeRO-3): then every
+    process must take part in every forward, generation included."""
+    return uses_fsdp(accelerator) or zero_stage(accelerator) == 3
+
+
+def shards_optimizer(accelerator) -> bool:
+    """Whether each process holds only its part of the optimizer state (FSDP, ZeRO)."""
+    return uses_fsdp(accelerator) or uses_deepspeed(accelerator)
+
+
+def backward(accelerator, loss: torch.Tensor, last: bool) -> None:
+    """Backward pass of one micro-batch; `last` ends the optimizer step's window.
+
+    Under DeepSpeed the engine reduces gradients, clips and steps the optimizer when the
+    window ends (gradient_accumulation_steps=1 in its config: peftkit marks the boundary)."""
+    if uses_deepspeed(accelerator):
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+    else:
+        accelerator.backward(loss)
+
+
+def checkpoint_classes(accelerator) -> list:
+    """Non-tensor classes in a ZeRO optimizer shard's state dict (plain records: the loss
+    scaler's settings, each parameter's fragment address, the stage) that
+    `torch.load(weights_only=True)` may build; nothing else but tensors and containers."""
+    if not uses_deepspeed(accelerator):
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
+
+
+def load_optimizer_state(accelerator, optimizer, state: dict) -> None:
+    """Load this process's optimizer state (its shard under FSDP and ZeRO)."""
+    if uses_deepspeed(accelerator):
+        # ZeRO optimizers take one state per data-parallel rank and read their own; the fp32
+        # master partitions are restored exactly, not recomputed from 16-bit weights.
+        shards = [None] * accelerator.num_processes
+        shards[accelerator.process_index] = state
+        optimizer.load_state_dict(shards, load_from_fp32_weights=True)
+    else:
+        optimizer.load_state_dict(state)
+
+
+@contextmanager
+def plain_construction():
+    """Build models whole inside this block even under ZeRO-3, where transformers would
+    partition every new model on construction (peftkit's memory estimate builds one on the
+    meta device, which cannot be partitioned)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 partitioned it away."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def local(param: torch.Tensor) -> torch.Tensor:
+    """The part of `param` this process holds (an FSDP DTensor's shard, a ZeRO-3 partition)."""
+    if hasattr(param, "to_local"):
+        return param.to_local()
+    return getattr(param, "ds_tensor", param)
+
+
+def sharding_note(accelerator, module) -> str:
+    """' (FSDP2: this process holds X of Y of weights)' from the parameters themselves, or ''."""
+    from peftkit.model.memory import human
+
+    name = "FSDP2" if uses_fsdp(accelerator) else \
+        f"DeepSpeed ZeRO-{zero_stage(accelerator)}" if uses_deepspeed(accelerator) else ""
+    if not name:
+        return ""
+    if not shards_weights(accelerator):
+        grads = " and gradients" if zero_stage(accelerator) > 1 else ""
+        return f" ({name}: optimizer state{grads} sharded, weights replicated)"
+    params = list(module.parameters())
+    held = sum(local(p).numel() * p.element_size() for p in params)
+    whole = sum(numel(p) * p.element_size() for p in params)
+    return f" ({name}: this process holds {human(held)} of {human(whole)} of weights)"
+
+
+def full_state_dict(accelerator, loss_module, peft_model) -> dict | None:
+    """The adapter's full weights gathered onto the main process's CPU (all processes must
+    call this; the others get {}), keyed like `peft_model.state_dict()`; None where every
+    process holds all weights (DDP, ZeRO-1/2) and peft reads them directly.
+
+    Only trainable parameters are gathered: the frozen base never leaves its shards.
+    """
+    if uses_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+
+        state = get_model_state_dict(loss_module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        return {k.removeprefix("model."): v for k, v in state.items()}
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            if accelerator.is_main_process:
+                return {n: p.detach().cpu().clone() for n, p in named}
+        return {}
+    return None

@@ -7,6 +7,12 @@ sum into the B matmul (BLAS accumulates into its output when beta=1) removes the
 gradients are the same products. Profiled on the small benchmark model (fp32 CPU), elementwise
 mul and add were 17% of the step before this.
 
+Why an instance attribute: peft has no public hook to substitute the forward of its LoRA layers
+(its experimental custom-module mapping replaces whole layer classes, saving included), so
+`enable` sets `forward` on each qualifying layer instance; the class and every other layer stay
+peft's. tests/test_upstream.py fails loudly if the layer attributes read below change (checked
+against peft 0.21); it can go if peft ever fuses the scaled add itself.
+
 Only plain LoRA layers take the fused path (one active adapter, not merged, no DoRA or other
 variant, no per-row adapter names, weights not partitioned by ZeRO-3); every other call goes to
 peft's own forward. The adapter, its saving and loading stay entirely peft's.

@@ -10,6 +10,7 @@ from peftkit.adapters import methods
 from peftkit.model import quantize
 from peftkit.recipe.schema import Launch, Lora, Model
 from peftkit.errors import UserError
+from peftkit.model.sharded import numel
 from peftkit.model.tiny import build_tiny, tokenizer_dir
 
 # Tokenizers that ship without a chat template (base models) get peftkit's own: a plain,
@@ -168,7 +169,6 @@ def attach_adapter(base, adapter: Lora):
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    from peftkit.training.distributed import numel
 
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())

@@ -43,6 +43,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peftkit.model.loading import attach_adapter, resolve_precision
+from peftkit.model.sharded import plain_construction
+from peftkit.model.summary import base_config
 from peftkit.recipe.schema import Recipe
 
 try:
@@ -160,9 +163,6 @@ def estimate(recipe: Recipe, config, precision) -> Estimate:
     """Peak training memory of one process for `recipe` on `config` (a transformers config),
     with `precision` from `modeling.resolve_precision` for the target device."""
     from transformers import AutoModelForCausalLM
-
-    from peftkit.training.distributed import plain_construction
-    from peftkit.model.loading import attach_adapter
 
     config = copy.deepcopy(config)  # a loaded base's config may say how it was quantized
     if hasattr(config, "quantization_config"):
@@ -339,9 +339,6 @@ def print_estimate(recipe: Recipe, console) -> None:
     """`peftkit show`: the estimate for the device this machine would train on and, without a
     GPU here, for a bf16-capable GPU (what the real recipes are sized for)."""
     from rich.table import Table
-
-    from peftkit.model.loading import resolve_precision
-    from peftkit.model.summary import base_config
 
     config, source = base_config(recipe)
     if config is None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 
+from peftkit.model.loading import attach_adapter, count_parameters
+from peftkit.model.shapes import known_config
+from peftkit.model.tiny import infer_arch, tiny_config, tokenizer_dir
 from peftkit.recipe.schema import Recipe
 
 
@@ -12,9 +15,6 @@ def base_config(recipe: Recipe):
     """(transformers config, where it came from) without downloading weights. Cached per
     recipe: treat the config as read-only."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from peftkit.model.shapes import known_config
-    from peftkit.model.tiny import infer_arch, tiny_config, tokenizer_dir
 
     m = recipe.model
     if m.tiny:
@@ -37,8 +37,6 @@ def parameter_counts(recipe: Recipe) -> tuple[int, int, str] | None:
     """(trainable, total, source) for the recipe's model + adapter, built on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from peftkit.model.loading import attach_adapter, count_parameters
 
     config, source = base_config(recipe)
     if config is None:

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.model.sharded import plain_construction, quiet_progress
 
 # Dimensions per size. Heads divide hidden; kv heads divide heads (exercises GQA).
 SIZES = {
@@ -80,8 +81,6 @@ def build_tiny(name: str, arch: str, size: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
 
-    from peftkit.training.distributed import plain_construction
-    from peftkit.training.progress import quiet_progress
 
     arch = infer_arch(name, arch)
     if not arch:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from peftkit.recipe.schema import Recipe, recipe_from_dict
 from peftkit.errors import UserError
-from peftkit.training.progress import quiet_progress
+from peftkit.model.sharded import quiet_progress
 
 HOW = "point at a run directory written by `peftkit train` (it holds recipe.json and adapter/)"
 

@@ -12,11 +12,13 @@ import json
 import os
 import sys
 import warnings
-from contextlib import contextmanager
 
 import torch
 
+from peftkit.model.memory import human
+from peftkit.model.sharded import local, numel
 from peftkit.recipe.schema import Recipe
+from peftkit.training.fsdp_cpu import switch_to_fsdp2
 from peftkit.errors import UserError
 
 
@@ -116,11 +118,11 @@ def activate(accelerator, recipe: Recipe) -> None:
 
     accelerate only routes FSDP for accelerator devices; with N CPU processes (gloo) it
     silently runs DDP. torch's FSDP2 (`fully_shard`) does shard over gloo, so peftkit switches
-    accelerate's state to its own FSDP2 path there: the same wrapping, state-dict gathering
-    and sharded checkpoints as on GPUs, which is also how the tests exercise that path.
+    accelerate's state to its own FSDP2 path there (fsdp_cpu.py): the same wrapping,
+    state-dict gathering and sharded checkpoints as on GPUs, which is also how the tests
+    exercise that path.
     """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType  # slow import: lazy
 
     wanted = strategy(recipe)
     state = accelerator.state
@@ -129,11 +131,7 @@ def activate(accelerator, recipe: Recipe) -> None:
                                 message=r"`torch\.distributed\.\w+` is deprecated")
     if wanted == "fsdp" and not uses_fsdp(accelerator):
         if state.distributed_type == DistributedType.MULTI_CPU:
-            # What AcceleratorState.__init__ does for the device types it routes (both shared
-            # states: a later AcceleratorState() copies PartialState's over its own).
-            state.distributed_type = DistributedType.FSDP
-            state.fsdp_plugin = accelerator_args(recipe, "cpu")["fsdp_plugin"]
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            switch_to_fsdp2(accelerator, accelerator_args(recipe, "cpu")["fsdp_plugin"])
             return
     if wanted != "ddp" and strategy_of(accelerator) != wanted:
         raise UserError(f"launch.strategy={wanted} needs a distributed launch, but this is "
@@ -210,37 +208,8 @@ def load_optimizer_state(accelerator, optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
 
 
-@contextmanager
-def plain_construction():
-    """Build models whole inside this block even under ZeRO-3, where transformers would
-    partition every new model on construction (peftkit's memory estimate builds one on the
-    meta device, which cannot be partitioned)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def numel(param: torch.Tensor) -> int:
-    """Elements of the whole parameter, also when ZeRO-3 partitioned it away."""
-    return getattr(param, "ds_numel", param.numel())
-
-
-def local(param: torch.Tensor) -> torch.Tensor:
-    """The part of `param` this process holds (an FSDP DTensor's shard, a ZeRO-3 partition)."""
-    if hasattr(param, "to_local"):
-        return param.to_local()
-    return getattr(param, "ds_tensor", param)
-
-
 def sharding_note(accelerator, module) -> str:
     """' (FSDP2: this process holds X of Y of weights)' from the parameters themselves, or ''."""
-    from peftkit.model.memory import human
-
     name = "FSDP2" if uses_fsdp(accelerator) else \
         f"DeepSpeed ZeRO-{zero_stage(accelerator)}" if uses_deepspeed(accelerator) else ""
     if not name:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -50,18 +49,3 @@ class TrainProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-@contextmanager
-def quiet_progress():
-    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside
-    the block: for work that takes a moment and would only clutter the output."""
-    from transformers.utils import logging
-
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()

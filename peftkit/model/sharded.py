@@ -1,0 +1,63 @@
+"""Parameters as ZeRO-3 and FSDP2 leave them, and building models whole under ZeRO-3.
+
+Model-level facts that loading, the memory estimate and the tiny builders need, kept here so
+that none of them has to import the training package (which imports them).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch itself loads lazily: `peftkit ls` never needs it
+    import torch
+
+
+def numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 partitioned it away."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def local(param: torch.Tensor) -> torch.Tensor:
+    """The part of `param` this process holds (an FSDP DTensor's shard, a ZeRO-3 partition)."""
+    if hasattr(param, "to_local"):
+        return param.to_local()
+    return getattr(param, "ds_tensor", param)
+
+
+@contextmanager
+def plain_construction():
+    """Build models whole inside this block even under ZeRO-3, where transformers would
+    partition every new model on construction (peftkit's memory estimate builds one on the
+    meta device, which cannot be partitioned).
+
+    Why a private attribute: transformers decides "partition on construction" from the
+    module-level weak reference `_hf_deepspeed_config_weak_ref` and offers no public way to
+    suspend it for one construction (`unset_hf_deepspeed_config` drops it for good and the
+    HfDeepSpeedConfig object it points at is not reachable publicly to set it back).
+    tests/test_upstream.py fails loudly if transformers renames it; it can go once
+    transformers offers a context manager for "no zero.Init here" (not as of 5.23).
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed  # slow import: lazy
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+@contextmanager
+def quiet_progress():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside
+    the block: for work that takes a moment and would only clutter the output."""
+    from transformers.utils import logging  # slow import: lazy
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()

@@ -1,8 +1,9 @@
-"""Measure peak training memory against peftkit's estimate (README, "Memory estimate vs measured").
+"""Measure peak training memory against peftkit's estimate (docs/qlora-and-memory.md, "Memory
+estimate vs measured").
 
 Each configuration trains a few steps in its own process (`python -m peftkit train`), so no
 earlier run's memory hides in its peak; the run's result.json records the estimate and the
-measurement (peftkit/memory.py). The data are long rows of Python standard-library source,
+measurement (peftkit/model/memory.py). The data are long rows of Python standard-library source,
 cut at data.max_len, so every micro-batch is full length, as the estimate assumes.
 
     python scripts/memory_table.py              # all configurations, prints a markdown table

@@ -1,4 +1,4 @@
-"""Peak memory of `peftkit merge` (README, "Merge"), measured in a fresh process per merge.
+"""Peak memory of `peftkit merge` (docs/merge-and-publishing.md, "Merge"), measured in a fresh process per merge.
 
     python scripts/merge_memory.py --hidden 1024 --layers 16 [--quantize nf4] [--work DIR]
 

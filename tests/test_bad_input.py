@@ -1,5 +1,5 @@
 """Every way a user can get it wrong: one line on stderr naming the problem, exit code 2, no
-traceback, and nothing written (README, "Reliability"). The table calls the CLI in-process;
+traceback, and nothing written (docs/reliability.md). The table calls the CLI in-process;
 nearly every case fails before any weights load. Basic CLI error paths are in test_cli.py."""
 
 import errno

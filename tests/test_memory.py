@@ -1,4 +1,4 @@
-"""The memory estimate (peftkit/memory.py): its parts against what the model really holds, and
+"""The memory estimate (peftkit/model/memory.py): its parts against what the model really holds, and
 its total against a run's measured peak."""
 
 import json
@@ -26,7 +26,7 @@ MEASURED = ["model.tiny=true", "model.tiny_size=xs", "model.quantize=none",
             "data.format=text", "data.max_len=256", "data.eval_size=4", "train.batch_size=16",
             "train.grad_accum=1", "train.max_steps=2", "train.warmup_steps=0",
             "train.save_every=0"]
-TOLERANCE = (0.5, 3.0)  # measured peak RSS above the start / estimate, CPU (README)
+TOLERANCE = (0.5, 3.0)  # measured peak RSS above the start / estimate, CPU (docs/qlora-and-memory.md)
 
 
 def recipe_with(*overrides):

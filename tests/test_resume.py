@@ -1,5 +1,5 @@
 """Checkpoints and resume: exact continuation, refusal of other recipes, crash safety, and a
-run that diverges (README, "Reliability"). Basic resume equality is in test_train.py; these
+run that diverges (docs/reliability.md). Basic resume equality is in test_train.py; these
 cases add what it does not cover: accumulation, dropout RNG, a full warmup + cosine schedule,
 stops mid-epoch on both sides of an epoch boundary, and crashes inside `checkpoint.save`."""
 

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success, 2 bad input (one line, no traceback; --debug shows it), 1 anything
 else (a run that cannot go on, e.g. diverged or disk full: one line too), 130 / 143 when
-SIGINT / SIGTERM stopped training after writing a checkpoint (README, "Reliability").
+SIGINT / SIGTERM stopped training after writing a checkpoint (docs/reliability.md).
 """
 
 from __future__ import annotations

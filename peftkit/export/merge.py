@@ -42,7 +42,7 @@ DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": t
 # Merged vs adapter on the same weights differ only by the rounding of W + scale * B @ A.
 # Allowed max |logit difference|: 8 units of the dtype's rounding (eps) of the largest logit,
 # and at least 1e-4. Measured on tiny Llamas: fp32 1e-6..3e-6 (so 1e-4 binds); bf16 and fp16
-# 0.5..0.8 eps x max|logit| (README, "Merge").
+# 0.5..0.8 eps x max|logit| (docs/merge-and-publishing.md, "Merge").
 EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 EPS_FACTOR, FLOOR = 8, 1e-4
 # Allowed relative change of the probe loss. Against the loss recorded at the end of

@@ -29,8 +29,8 @@ Assumptions: every micro-batch holds `train.batch_size` x `data.max_len` tokens,
 labelled (an upper bound for short or completion-only data). Activations take 2 bytes under
 16-bit weights or autocast with an unquantized base, else 4 (a quantized base keeps a float32
 residual stream). Not counted: python and torch themselves, the tokenized data, the CUDA
-context, and allocator caching or fragmentation (CPU RSS: see README, "Memory estimate vs
-measured").
+context, and allocator caching or fragmentation (CPU RSS: see docs/qlora-and-memory.md,
+"Memory estimate vs measured").
 """
 
 from __future__ import annotations
@@ -362,7 +362,7 @@ def print_estimate(recipe: Recipe, console) -> None:
         table.add_row(part, *[human(e.parts[part]) for e in targets.values()],
                       f"[dim]{first.notes[part]}[/]")
     table.add_row("[bold]total[/]", *[f"[bold]{human(e.total)}[/]" for e in targets.values()],
-                  "[dim]+ CUDA context (~1 GB) on a GPU; see peftkit/memory.py[/]")
+                  "[dim]+ CUDA context (~1 GB) on a GPU; see peftkit/model/memory.py[/]")
     console.print(table)
     console.print("  " + "; ".join(f"{name}: {e.precision}" for name, e in targets.items()))
     available, what = device_total(here)

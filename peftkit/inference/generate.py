@@ -14,9 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftkit.data.formats import FORMATS
 from peftkit.errors import UserError
 
-RAW_FORMATS = ("prompt_completion", "text")
+RAW_FORMATS = tuple(name for name, fmt in FORMATS.items() if not fmt.chat)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def alpaca_file(tmp_path_factory):
     """The demo task as alpaca rows: stands in for Hub datasets the real recipes name."""
     import json
 
-    from peftkit.data.records import resolve_source
+    from peftkit.data.sources import resolve_source
 
     path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
     rows = []

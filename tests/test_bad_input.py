@@ -17,7 +17,7 @@ import torch
 from peftkit.training import checkpoint
 from peftkit.cli.app import main
 from peftkit.recipe.schema import RESUME_SAFE, SECTIONS, Model
-from peftkit.data.records import resolve_source
+from peftkit.data.sources import resolve_source
 
 TRAIN = ["train", "demo", "model.tiny_size=xs", "data.train=data.jsonl", "data.eval=",
          "data.eval_size=0", "train.eval_generate=0", "train.output_dir=runs",

@@ -40,7 +40,7 @@ def test_bench_compares_the_same_work(compared):
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from peftkit.data import records as data
+    from peftkit.data import dataset
     from peftkit.recipe import registry
     from peftkit.recipe.schema import apply_overrides
     from peftkit.model.loading import base_path, load_tokenizer
@@ -53,7 +53,7 @@ def test_bench_compares_the_same_work(compared):
     recipe = apply_overrides(registry.resolve("demo").recipe,
                              [*QUICK, "data.eval=", "data.eval_size=0"])
     tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
-    examples, _, _, _ = data.build(recipe.data, tokenizer, recipe.train.seed)
+    examples, _, _, _ = dataset.build(recipe.data, tokenizer, recipe.train.seed)
     lengths = [len(e.input_ids) for e in examples]
     order = get_length_grouped_indices(lengths, 8,
                                        generator=torch.Generator().manual_seed(recipe.train.seed))

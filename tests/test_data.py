@@ -1,4 +1,4 @@
-"""peftkit.data.records: sources, formats, chat rendering, loss masks, truncation, splits, prompts."""
+"""peftkit.data: sources, formats, chat rendering, loss masks, truncation, splits, prompts."""
 
 import copy
 import csv
@@ -8,9 +8,12 @@ import time
 
 import pytest
 
-from peftkit.data import records as data
-from peftkit.recipe.schema import Data
-from peftkit.data.records import IGNORE, build, detect_format, load_records, prompt_of, tokenize_record
+from peftkit.data.dataset import build
+from peftkit.data.example import IGNORE
+from peftkit.data.formats import FORMATS, detect_format, to_messages
+from peftkit.data.render import prompt_of, tokenize_record
+from peftkit.data.sources import load_records, resolve_source
+from peftkit.recipe.schema import DATA_FORMATS, Data
 from peftkit.errors import UserError
 
 CHAT = {"messages": [{"role": "user", "content": "hello world"},
@@ -134,7 +137,7 @@ def test_system_prompt_is_prepended_unless_the_row_has_one(bpe_tokenizer):
     assert example.input_ids[:len(ids(tok, "<|bos|>System: be brief\n"))] == \
         ids(tok, "<|bos|>System: be brief\n")
     own = {"messages": [{"role": "system", "content": "be kind"}] + CHAT["messages"]}
-    assert data.to_messages(own, "chat", "x", "be brief")[0]["content"] == "be kind"
+    assert to_messages(own, "chat", "x", "be brief")[0]["content"] == "be kind"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +174,15 @@ def test_auto_detection():
     assert detect_format({"messages": None, "text": "a"}, "x") == "text"
     with pytest.raises(UserError, match=r"f\.jsonl:3: cannot tell the data format.*'question'"):
         detect_format({"question": "q"}, "f.jsonl:3")
+
+
+def test_the_recipe_offers_exactly_the_formats_of_the_table():
+    # recipe/ cannot import data/, so it keeps its own list of data.format names.
+    assert DATA_FORMATS == ("auto", *FORMATS)
+    assert list(RECORDS) == list(FORMATS)  # and every format is exercised in this file
+    with pytest.raises(UserError, match=r"^data\.format='yaml': must be one of chat, alpaca, "
+                                        r"prompt_completion, text$"):
+        to_messages(TEXT, "yaml", "x")
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, bpe_tokenizer):
@@ -319,18 +331,18 @@ def test_eval_file_and_prompts_match_training_prefix(tmp_path, bpe_tokenizer):
 
 def test_peftkit_asset_resolution():
     source = "peftkit:data/sort_reverse/train.jsonl"
-    path = data.resolve_source(source)
+    path = resolve_source(source)
     if not os.path.exists(path):
         pytest.skip("asset not shipped yet")
     assert os.path.isabs(path) and path.endswith(os.path.join("sort_reverse", "train.jsonl"))
-    assert data.resolve_source("local.jsonl") == "local.jsonl"
+    assert resolve_source("local.jsonl") == "local.jsonl"
     rows, _ = load_records(source)
     assert detect_format(rows[0], rows[0].where) == "chat"
 
 
 def test_unknown_asset_lists_what_ships():
     with pytest.raises(UserError, match=r"peftkit:nope\.jsonl: no such data file ships"):
-        data.resolve_source("peftkit:nope.jsonl")
+        resolve_source("peftkit:nope.jsonl")
 
 
 def test_hub_id_offline_is_a_clear_error():

@@ -74,7 +74,7 @@ def plain_generate(model, tokenizer, messages, max_new_tokens):
 def test_eval_matches_peftkit_evaluation_and_base_differs(run, capsys):
     from accelerate import Accelerator
 
-    from peftkit.data import records as data
+    from peftkit.data import dataset
     from peftkit.training.evaluation import eval_loss, exact_match
     from peftkit.training.loss import TokenLoss
 
@@ -96,7 +96,7 @@ def test_eval_matches_peftkit_evaluation_and_base_differs(run, capsys):
     # Independently: peftkit.training.evaluation's functions on the plain-peft model, same 5 rows.
     model, tokenizer = plain_peft(run)
     recipe = recipe_from_dict(json.loads((run.path / "recipe.json").read_text())["recipe"])
-    _, examples, prompts, _ = data.build(recipe.data, tokenizer, recipe.train.seed)
+    _, examples, prompts, _ = dataset.build(recipe.data, tokenizer, recipe.train.seed)
     acc = Accelerator()
     loss = eval_loss(acc, TokenLoss(model), examples[:5], 8, tokenizer.pad_token_id)
     score, rows = exact_match(acc, model, tokenizer, prompts[:5], 6)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from peftkit.data import packing
-from peftkit.data.batching import IGNORE, collate, loss_tokens
+from peftkit.data.batching import collate, loss_tokens
 from peftkit.recipe.schema import Lora, Model
-from peftkit.data.records import Example
+from peftkit.data.example import IGNORE, Example
 from peftkit.model.head_loss import head_loss
 from peftkit.training.loss import TokenLoss
 from peftkit.model.loading import attach_adapter, base_path, load_model

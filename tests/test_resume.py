@@ -18,7 +18,7 @@ from peftkit.training import checkpoint
 from peftkit.training import signals
 from peftkit.data.batching import Position
 from peftkit.cli.app import main
-from peftkit.data.records import resolve_source
+from peftkit.data.sources import resolve_source
 from peftkit.errors import RunError
 
 # 24 rows, batch 4 x accumulation 2: 6 micro-batches, 3 optimizer steps per epoch.

@@ -84,20 +84,22 @@ def select_samples(recipe: Recipe, folder: str) -> tuple[Recipe, dict]:
 
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from peftkit.data import records as data
     from peftkit.data.batching import loss_tokens
+    from peftkit.data.formats import detect_format
+    from peftkit.data.render import tokenize_record
+    from peftkit.data.sources import BadRow, load_records
     from peftkit.bench.hf import fingerprint
     from peftkit.model.loading import base_path, load_tokenizer
 
     d, t = recipe.data, recipe.train
     tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
-    rows, _ = data.load_records(d.train, d.skip_bad_rows)
-    fmt = d.format if d.format != "auto" else data.detect_format(rows[0], rows[0].where)
+    rows, _ = load_records(d.train, d.skip_bad_rows)
+    fmt = d.format if d.format != "auto" else detect_format(rows[0], rows[0].where)
     candidates = []
     for row in rows[: d.max_samples or None]:
         try:
-            example = data.tokenize_record(row, fmt, tokenizer, d, row.where)
-        except data.BadRow:
+            example = tokenize_record(row, fmt, tokenizer, d, row.where)
+        except BadRow:
             if not d.skip_bad_rows:
                 raise
             continue

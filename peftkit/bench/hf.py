@@ -22,7 +22,7 @@ from array import array
 
 import torch
 
-from peftkit.data import records as data
+from peftkit.data import dataset
 from peftkit.model import memory
 from peftkit.recipe.schema import Recipe
 from peftkit.model.loading import (base_path, count_parameters, load_tokenizer, lora_config,
@@ -115,7 +115,7 @@ def run(recipe: Recipe, grouped: bool = False) -> dict:
     precision = resolve_precision(recipe.model, recipe.launch, device.type)
     base = base_path(recipe.model)
     tokenizer, _ = load_tokenizer(base, recipe.model)
-    examples, _, _, _ = data.build(recipe.data, tokenizer, t.seed)
+    examples, _, _, _ = dataset.build(recipe.data, tokenizer, t.seed)
     features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
     set_seed(t.seed)  # as peftkit does before building the adapter: same LoRA init

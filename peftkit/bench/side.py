@@ -23,7 +23,7 @@ SIDES = ("peftkit", "hf", "hf-grouped")
 def _peftkit(recipe: Recipe, source: str) -> dict:
     from rich.console import Console
 
-    from peftkit.data import records as data
+    from peftkit.data import dataset
     from peftkit.data import packing
     from peftkit.run import rundir
     from peftkit.data.batching import collate
@@ -44,7 +44,7 @@ def _peftkit(recipe: Recipe, source: str) -> dict:
     # Which samples were trained: all of them, once, if the data holds exactly the samples of
     # the run and the stream stopped at the end of epoch 0 (bench.select_samples wrote them).
     tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
-    examples, _, _, _ = data.build(recipe.data, tokenizer, recipe.train.seed)
+    examples, _, _, _ = dataset.build(recipe.data, tokenizer, recipe.train.seed)
     windows = len(steps) * recipe.train.grad_accum
     one_pass = (len(examples) == windows * recipe.train.batch_size
                 and (state["epoch"], state["index"]) == (0, windows))

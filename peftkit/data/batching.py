@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peftkit.data.records import Example
-
-IGNORE = -100
+from peftkit.data.example import IGNORE, Example
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peftkit.data.records import IGNORE, Example
+from peftkit.data.example import IGNORE, Example
 
 ATTENTION = "peftkit_segments"  # the name registered with transformers' AttentionInterface
 # Attention kernels that isolate packed samples given cu_seq_lens; others fall back to padding.

@@ -1,6 +1,6 @@
 """`peftkit show NAME --data`: what the recipe's data becomes, checked before any training.
 
-The data is built exactly as `peftkit train` builds it (peftkit.data.records.build with the run's
+The data is built exactly as `peftkit train` builds it (peftkit.data.dataset.build with the run's
 tokenizer), then summarised: record counts, token lengths as trained (after truncation to
 data.max_len), the share of tokens that carry loss, what truncation did, whether EOS is
 trained, and two samples with their trained spans between ⟦ ⟧.
@@ -12,6 +12,9 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from peftkit.data.dataset import build
+from peftkit.data.example import IGNORE
+from peftkit.model.loading import base_path, load_tokenizer
 from peftkit.recipe.schema import Recipe
 
 OPEN, CLOSE = "⟦", "⟧"
@@ -49,8 +52,6 @@ def percentile(values: list[int], q: float) -> int:
 
 def spans(example, tokenizer) -> list[tuple[str, bool]]:
     """A sample as (text, trained) runs: consecutive tokens with or without a loss label."""
-    from peftkit.data.records import IGNORE
-
     runs: list[tuple[list[int], bool]] = []
     for token, label in zip(example.input_ids, example.labels):
         trained = label != IGNORE
@@ -62,11 +63,8 @@ def spans(example, tokenizer) -> list[tuple[str, bool]]:
 
 
 def preflight(recipe: Recipe, show_samples: int = 2) -> Report:
-    from peftkit.data import records as data
-    from peftkit.model.loading import base_path, load_tokenizer
-
     tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
-    train, evals, prompts, stats = data.build(recipe.data, tokenizer, recipe.train.seed)
+    train, evals, prompts, stats = build(recipe.data, tokenizer, recipe.train.seed)
     lengths = [len(e.input_ids) for e in train]
     return Report(
         train=recipe.data.train, eval=recipe.data.eval or f"{recipe.data.eval_size} rows held "

@@ -30,7 +30,7 @@ import torch
 
 from peftkit.run import rundir
 from peftkit.data.batching import IGNORE, collate
-from peftkit.data.records import Example
+from peftkit.data.example import Example
 from peftkit.errors import RunError, UserError
 
 # The probe batch: the first PROBE_EXAMPLES held-out examples with a labelled token in their

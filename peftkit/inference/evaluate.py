@@ -44,17 +44,17 @@ def parse_metrics(text: str) -> list[str]:
 def eval_data(recipe, tokenizer, source: str = ""):
     """(examples, prompts, description): `source` read whole, else the run's own held-out set
     rebuilt exactly as training built it (data.eval, or the seeded hold-out of data.train)."""
-    from peftkit.data import records as data
+    from peftkit.data import dataset
 
     cfg = recipe.data
     if source:
         # Every row of the file is held-out data, whatever the recipe's sampling settings.
-        examples, prompts = data.build_eval(replace(cfg, format="auto"), tokenizer, source)
+        examples, prompts = dataset.build_eval(replace(cfg, format="auto"), tokenizer, source)
         return examples, prompts, source
     if cfg.eval:
-        examples, prompts = data.build_eval(cfg, tokenizer, cfg.eval)
+        examples, prompts = dataset.build_eval(cfg, tokenizer, cfg.eval)
         return examples, prompts, cfg.eval
-    _, examples, prompts, _ = data.build(cfg, tokenizer, recipe.train.seed)
+    _, examples, prompts, _ = dataset.build(cfg, tokenizer, recipe.train.seed)
     if not examples:
         raise UserError(f"the run holds out no eval rows (data.eval is empty and "
                         f"data.eval_size={cfg.eval_size}); pass --data FILE")

@@ -3,7 +3,7 @@ prompts, rendered the way training rendered its samples.
 
 A prompt becomes one user message (after the recipe's data.system_prompt, or --system)
 rendered with the run's chat template and the generation prompt, tokenized without adding
-special tokens: the exact tokens `peftkit.data.records` gave training for the same conversation. Runs
+special tokens: the exact tokens `peftkit.data.render` gave training for the same conversation. Runs
 trained on raw prompt/completion or text data get the prompt as raw text (as does --raw).
 Tokens are streamed as they are generated; temperature 0 (the default) is greedy decoding.
 """
@@ -14,9 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftkit.data.formats import FORMATS
 from peftkit.errors import UserError
 
-RAW_FORMATS = ("prompt_completion", "text")
+RAW_FORMATS = tuple(name for name, fmt in FORMATS.items() if not fmt.chat)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from importlib import resources
 import torch
 
 from peftkit.data.batching import collate
-from peftkit.data.records import Example, Prompt
+from peftkit.data.example import Example, Prompt
 
 
 def metric_path(name: str) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from peftkit.training import checkpoint
 from peftkit.model import compiled
-from peftkit.data import records as data
+from peftkit.data import dataset
 from peftkit.training import distributed
 from peftkit.model import fused_lora
 from peftkit.adapters import methods
@@ -133,7 +133,7 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     with acc.local_main_process_first():
         base = base_path(recipe.model)
     tokenizer, tokenizer_changed = load_tokenizer(base, recipe.model)
-    train_ex, eval_ex, prompts, stats = data.build(recipe.data, tokenizer, t.seed)
+    train_ex, eval_ex, prompts, stats = dataset.build(recipe.data, tokenizer, t.seed)
     try:
         stream = BatchStream(train_ex, t.batch_size, t.seed, acc.process_index,
                              acc.num_processes)

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from peftkit import __version__
 from peftkit.errors import RunError, UserError
+from peftkit.run.quiet import quiet_libraries
 
 EXAMPLES = {
     "ls": "examples:\n  peftkit ls",
@@ -69,30 +70,6 @@ def _console() -> Console:
     if not console.is_terminal:  # pipes and CI logs: wide enough not to fold every cell
         console = Console(highlight=False, width=140)
     return console
-
-
-def _quiet_libraries() -> None:
-    """Silence library chatter that is not actionable for peftkit users."""
-    import logging
-    import warnings
-
-    # bitsandbytes logs a warning on import on CPUs with AVX512-BF16 when the optional
-    # `kernels` package is absent; its slower built-in path is used instead.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # bitsandbytes' 8-bit layers log "inputs will be cast ... to float16" on every eval-mode
-    # forward with float32 inputs (CPU): expected, and thousands of lines per evaluation.
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    # peft calls a transformers method deprecated in v5 (is_gradient_checkpointing).
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    # datasets logs an unreadable parquet file as an ERROR before raising; peftkit reports
-    # the raised error itself, on one line (data.py), so the log line is a duplicate.
-    logging.getLogger("datasets.packaged_modules.parquet.parquet").setLevel(logging.CRITICAL)
-    # Prompt tuning: generate passes position ids, which peft ignores (correctly: the
-    # virtual tokens shift every position).
-    warnings.filterwarnings("ignore", message="Position ids are not supported for parameter")
-    # PiSSA/OLoRA checkpoints keep the unconverted adapter on purpose (resume needs it); the
-    # final adapter is converted to a plain LoRA (methods.save_adapter), as peft advises.
-    warnings.filterwarnings("ignore", message="(PiSSA|OLoRA) changes the base weights")
 
 
 def cmd_ls(args) -> int:
@@ -507,7 +484,7 @@ def _main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.func(args)
     except (UserError, RunError) as exc:  # one line, no traceback (see errors.py)

@@ -3,8 +3,11 @@
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -328,6 +331,25 @@ def test_version(capsys):
 
 def test_subcommands_include_the_contract():
     assert {"ls", "show", "cp", "train"} <= set(subcommands())
+
+
+def test_start_up_imports_no_heavy_library():
+    """`peftkit ls` and every command's parser must not import torch or the libraries on top
+    of it (seconds each): the command modules import them inside their handlers."""
+    code = ("import sys\n"
+            "from peftkit.cli.app import main\n"
+            f"for command in {subcommands()!r}:\n"
+            "    main([command, '--help'])\n"
+            "main(['ls'])\n"
+            "heavy = ('torch', 'transformers', 'peft', 'accelerate', 'datasets', 'bitsandbytes',\n"
+            "         'matplotlib', 'peftkit.training.loop')\n"
+            "print('HEAVY', [m for m in heavy if m in sys.modules])\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=root, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "HEAVY []"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 import torch
 
 from peftkit.recipe.schema import Recipe, recipe_from_dict
+from peftkit.run.quiet import quiet_libraries
 
 SIDES = ("peftkit", "hf", "hf-grouped")
 
@@ -102,9 +103,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(open(spec_path).read())
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    from peftkit.cli.app import _quiet_libraries
-
-    _quiet_libraries()
+    quiet_libraries()
     out = run_side(spec["side"], recipe_from_dict(spec["recipe"]), spec.get("source", ""))
     with open(out_path, "w") as f:
         json.dump(out, f)

@@ -14,9 +14,26 @@ import sys
 import time
 from importlib import metadata
 
+from peftkit.cli.common import add_command
+
 LIBRARIES = ("peftkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes",
              "deepspeed", "datasets", "evaluate", "huggingface_hub", "safetensors", "tokenizers")
 HUB_TIMEOUT_S = 3.0
+
+HELP = ("versions, devices, bitsandbytes, Hub access, accelerate config: a report to paste "
+        "into a bug report")
+EXAMPLES = """\
+examples:
+  peftkit doctor                           # paste the output into a bug report"""
+
+
+def add_parser(subparsers) -> None:
+    add_command(subparsers, "doctor", cmd_doctor, HELP, EXAMPLES)
+
+
+def cmd_doctor(args) -> int:
+    print(report())
+    return 0
 
 
 def _safe(probe) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from peftkit.data import records as data
-from peftkit.recipe.schema import Data
+from peftkit.recipe import Data
 from peftkit.data.records import IGNORE, build, detect_format, load_records, prompt_of, tokenize_record
 from peftkit.errors import UserError
 

@@ -9,7 +9,8 @@ import torch
 from peftkit.adapters import methods
 from peftkit.recipe import registry
 from peftkit.data.batching import IGNORE
-from peftkit.recipe.schema import Lora, Model, apply_overrides
+from peftkit.recipe import Lora, Model
+from peftkit.recipe.overrides import apply_overrides
 from peftkit.errors import ConfigError, UserError
 from peftkit.training.loss import TokenLoss
 from peftkit.model.loading import attach_adapter, base_path, load_model, lora_config

@@ -113,7 +113,7 @@ def cmd_ls(args) -> int:
 
 def _resolve(args):
     from peftkit.recipe import registry
-    from peftkit.recipe.schema import apply_overrides
+    from peftkit.recipe.overrides import apply_overrides
 
     entry = registry.resolve(args.recipe)
     return entry, apply_overrides(entry.recipe, args.overrides)

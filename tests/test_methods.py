@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from peftkit.adapters import methods
+from peftkit.adapters import lora
 from peftkit.recipe import registry
 from peftkit.data.batching import IGNORE
 from peftkit.recipe import Lora, Model
@@ -125,7 +125,7 @@ def test_token_loss_equals_peft_loss(method):
 def test_loraplus_gives_b_matrices_a_larger_learning_rate():
     model = attach_adapter(tiny_model(), Lora(r=4, loraplus_lr_ratio=16))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = methods.make_optimizer(model, params, Lora(loraplus_lr_ratio=16), 1e-3, 0.0)
+    optimizer = lora.make_optimizer(model, params, Lora(loraplus_lr_ratio=16), 1e-3, 0.0)
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     for name, p in model.named_parameters():
         if "lora_A" in name:
@@ -133,7 +133,7 @@ def test_loraplus_gives_b_matrices_a_larger_learning_rate():
         if "lora_B" in name:
             assert lr_of[id(p)] == pytest.approx(16e-3), name
     assert len(lr_of) == len(params)
-    plain = methods.make_optimizer(model, params, Lora(), 1e-3, 0.0)
+    plain = lora.make_optimizer(model, params, Lora(), 1e-3, 0.0)
     assert [g["lr"] for g in plain.param_groups] == [1e-3]
 
 
@@ -174,7 +174,7 @@ def test_incompatible_settings_are_reported_together():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_loftq_without_cuda_is_a_clear_error():
     with pytest.raises(UserError, match="CUDA GPU"):
-        methods.initialise(None, Lora(init="loftq"))
+        lora.initialise(None, Lora(init="loftq"))
 
 
 def test_show_prints_each_method(capsys):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from peftkit.adapters import methods
+from peftkit.adapters import lora
 from peftkit.model import quantize
 from peftkit.recipe.schema import Launch, Lora, Model
 from peftkit.errors import UserError
@@ -144,12 +144,12 @@ def lora_config(adapter: Lora):
 
     return LoraConfig(
         r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-        target_modules=methods.target_modules(adapter.targets), use_rslora=adapter.use_rslora,
-        use_dora=adapter.use_dora, init_lora_weights=methods.init_lora_weights(adapter.init),
+        target_modules=lora.target_modules(adapter.targets), use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora, init_lora_weights=lora.init_lora_weights(adapter.init),
         bias=adapter.bias, task_type="CAUSAL_LM",
-        rank_pattern=methods.parse_pattern(adapter.rank_pattern, int),
-        alpha_pattern=methods.parse_pattern(adapter.alpha_pattern, float),
-        modules_to_save=methods.names(adapter.modules_to_save),
+        rank_pattern=lora.parse_pattern(adapter.rank_pattern, int),
+        alpha_pattern=lora.parse_pattern(adapter.alpha_pattern, float),
+        modules_to_save=lora.names(adapter.modules_to_save),
     )
 
 
@@ -159,7 +159,7 @@ def attach_adapter(base, adapter: Lora):
 
     try:
         config = (lora_config(adapter) if adapter.method == "lora"
-                  else methods.non_lora_config(adapter, base.config.model_type))
+                  else lora.non_lora_config(adapter, base.config.model_type))
         return get_peft_model(base, config)
     except ValueError as exc:  # peft names the unmatched target modules
         raise UserError(f"adapter.targets={adapter.targets!r}: {str(exc).splitlines()[0]}") \

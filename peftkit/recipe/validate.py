@@ -8,7 +8,7 @@ import math
 import typing
 from typing import Any
 
-from peftkit.adapters.methods import adapter_problems
+from peftkit.adapters.lora import adapter_problems
 from peftkit.errors import ConfigError
 from peftkit.recipe.schema import SECTIONS, Hub, Lora, Model, Recipe, field_types, type_name
 

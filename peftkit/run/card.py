@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peftkit.adapters import methods
+from peftkit.adapters import lora
 from peftkit.recipe.schema import Recipe
 
 LABELS = {"lora": "LoRA", "ia3": "IA3", "prompt_tuning": "prompt-tuning"}
@@ -106,7 +106,7 @@ def model_card(recipe: Recipe, result, metrics: list[dict], evals: dict | None =
         f"# {recipe.name}: {LABELS[a.method]} adapter"
         + (" merged into its base" if merge is not None else "") + "\n\n"
         + (f"A LoRA adapter (r={a.r}, alpha={a.alpha:g}, targets `{a.targets}`)"
-           if a.method == "lora" else f"A {methods.describe(a)} adapter") +
+           if a.method == "lora" else f"A {lora.describe(a)} adapter") +
         f" for {base}, trained with "
         f"peftkit on `{recipe.data.train}`.\n\n"
         f"- trainable parameters: {result.trainable:,} of {result.total:,}\n"

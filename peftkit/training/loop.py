@@ -21,7 +21,7 @@ from peftkit.model import compiled
 from peftkit.data import records as data
 from peftkit.training import distributed
 from peftkit.model import fused_lora
-from peftkit.adapters import methods
+from peftkit.adapters import lora
 from peftkit.data import packing
 from peftkit.training import resume as resuming
 from peftkit.run import rundir
@@ -162,10 +162,10 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     fused_lora.enable(peft_model)  # LoRA's scaled update added inside its matmul
     if t.compile:  # after peft: the compiled layers include the adapters (compiled.py)
         compiled.compile_layers(model)
-    initial = methods.initialise(peft_model, recipe.adapter)  # LoftQ; PiSSA/OLoRA start point
+    initial = lora.initialise(peft_model, recipe.adapter)  # LoftQ; PiSSA/OLoRA start point
     trainable, total = count_parameters(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = methods.make_optimizer(peft_model, params, recipe.adapter, t.lr, t.weight_decay)
+    optimizer = lora.make_optimizer(peft_model, params, recipe.adapter, t.lr, t.weight_decay)
     # The schedule counts optimizer steps; it is stepped by hand (not `prepare`d), since
     # accelerate's wrapper would step it once per process.
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
@@ -322,7 +322,7 @@ def _save_outputs(path: Path, recipe: Recipe, peft_model, tokenizer, tokenizer_c
     from peftkit.run import card
     from peftkit.run import plot
 
-    methods.save_adapter(peft_model, path / "adapter", state_dict, initial)
+    lora.save_adapter(peft_model, path / "adapter", state_dict, initial)
     if tokenizer_changed:
         tokenizer.save_pretrained(path / "tokenizer")
     metrics = rundir.read_metrics(path)

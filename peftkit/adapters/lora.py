@@ -1,11 +1,6 @@
-"""Adapter methods: the recipe's `adapter` section as a peft config, and the few steps around
-training that depend on the method.
-
-    method=lora           peft LoraConfig (modeling.lora_config): DoRA, rsLoRA, per-module
-                          rank/alpha patterns, initialisations (gaussian, PiSSA, OLoRA, LoftQ),
-                          LoRA+ learning rates (peft's create_loraplus_optimizer)
-    method=ia3            peft IA3Config on `targets`
-    method=prompt_tuning  peft PromptTuningConfig with `num_virtual_tokens`
+"""method=lora: peft's LoraConfig with DoRA, rsLoRA, per-module rank/alpha patterns,
+initialisations (gaussian, PiSSA, OLoRA, LoftQ) and LoRA+ learning rates (peft's
+create_loraplus_optimizer).
 
 PiSSA and OLoRA start from a decomposition of the base weights and rewrite those weights
 (W -> W - BA), so an adapter saved as trained fits only the rewritten base. peft converts it
@@ -19,12 +14,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import TYPE_CHECKING
 
+from peftkit.adapters.method import AdapterMethod, module_names, target_modules
 from peftkit.errors import UserError
-
-if TYPE_CHECKING:
-    from peftkit.recipe.schema import Lora, Model
 
 INIT_FORMS = r"default|gaussian|pissa|pissa_niter_[1-9]\d*|olora|loftq"
 # Settings that mean something for method=lora only, with their defaults.
@@ -35,19 +27,6 @@ LORA_ONLY = {"use_dora": False, "use_rslora": False, "init": "default", "bias": 
 def rewrites_base(init: str) -> bool:
     """PiSSA and OLoRA move the adapter's start point out of the base weights."""
     return init.startswith("pissa") or init == "olora"
-
-
-def names(text: str) -> list[str] | None:
-    """A comma-separated list of module names (None when empty)."""
-    return [n.strip() for n in text.split(",") if n.strip()] or None
-
-
-def target_modules(text: str) -> str | list[str]:
-    """'all-linear' and regexes go to peft as a string, comma-separated names as a list."""
-    text = text.strip()
-    if text == "all-linear" or re.search(r"[\\^$.*+?()\[\]|]", text):
-        return text
-    return names(text) or []
 
 
 def parse_pattern(text: str, kind: type) -> dict:
@@ -74,90 +53,120 @@ def init_lora_weights(init: str) -> bool | str:
     return True if init in ("default", "loftq") else init
 
 
-def adapter_problems(m: Model, a: Lora) -> list[str]:
-    """Adapter settings that cannot work together, each naming its field."""
-    problems = []
-    if a.method != "lora":
-        problems += [f"adapter.{key}={getattr(a, key)!r}: applies to method=lora only "
-                     f"(adapter.method={a.method})"
-                     for key, default in LORA_ONLY.items() if getattr(a, key) != default]
-    if not re.fullmatch(INIT_FORMS, a.init):
-        problems.append(f"adapter.init={a.init!r}: must be one of default, gaussian, pissa, "
-                        "pissa_niter_N (e.g. pissa_niter_16), olora, loftq")
-    if a.init == "loftq" and m.quantize != "nf4":
-        problems.append("adapter.init='loftq': fits LoRA to the error of 4-bit NF4 "
-                        f"quantization; needs model.quantize=nf4 (it is {m.quantize})")
-    for key, kind in (("rank_pattern", int), ("alpha_pattern", float)):
-        try:
-            parse_pattern(getattr(a, key), kind)
-        except ValueError as exc:
-            problems.append(f"adapter.{key}={getattr(a, key)!r}: {exc}; expected "
-                            f"comma-separated name={kind.__name__} pairs (q_proj=8,v_proj=32)")
-    if rewrites_base(a.init) and a.use_rslora and (a.rank_pattern or a.alpha_pattern):
-        problems.append(f"adapter.init={a.init!r} with use_rslora and rank/alpha patterns: peft "
-                        "cannot convert such an adapter to fit the original base; drop one")
-    if a.loraplus_lr_ratio < 0:
-        problems.append(f"adapter.loraplus_lr_ratio={a.loraplus_lr_ratio!r}: must be >= 0 "
-                        "(0 = off)")
-    if a.num_virtual_tokens <= 0:
-        problems.append(f"adapter.num_virtual_tokens={a.num_virtual_tokens!r}: must be > 0")
-    return problems
+def lora_config(adapter):
+    """peft's LoraConfig for the recipe's adapter section."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+        target_modules=target_modules(adapter.targets), use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora, init_lora_weights=init_lora_weights(adapter.init),
+        bias=adapter.bias, task_type="CAUSAL_LM",
+        rank_pattern=parse_pattern(adapter.rank_pattern, int),
+        alpha_pattern=parse_pattern(adapter.alpha_pattern, float),
+        modules_to_save=module_names(adapter.modules_to_save),
+    )
 
 
-def non_lora_config(adapter: Lora, model_type: str):
-    """The peft config of method=ia3 or prompt_tuning."""
-    modules_to_save = names(adapter.modules_to_save)
-    if adapter.method == "prompt_tuning":
-        from peft import PromptTuningConfig
+class LoraMethod(AdapterMethod):
+    name = "lora"
+    label = "LoRA"
 
-        return PromptTuningConfig(task_type="CAUSAL_LM", modules_to_save=modules_to_save,
-                                  num_virtual_tokens=adapter.num_virtual_tokens)
-    from peft import IA3Config
-    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+    def peft_config(self, adapter, model_type: str):
+        return lora_config(adapter)
 
-    targets = target_modules(adapter.targets)
-    # IA3 scales the input of feed-forward layers and the output of the others; peft knows
-    # which layers are feed-forward per architecture (it requires them among the targets).
-    feedforward = FEEDFORWARD.get(model_type, [])
-    if isinstance(targets, list):
-        feedforward = [name for name in feedforward if name in targets]
-    return IA3Config(task_type="CAUSAL_LM", target_modules=targets,
-                     feedforward_modules=feedforward, modules_to_save=modules_to_save)
+    def setting_problems(self, model, adapter) -> list[str]:
+        """LoRA's settings: refused under another method, and checked for combinations that
+        cannot work (a quantized base cannot hold rewritten weights, LoftQ needs NF4, ...)."""
+        problems = []
+        if model.quantize and rewrites_base(adapter.init):
+            problems.append(f"adapter.init={adapter.init!r}: rewrites the base weights, which a "
+                            f"quantized base (model.quantize={model.quantize}) cannot hold "
+                            "exactly; use default, gaussian or loftq (nf4), or drop "
+                            "model.quantize")
+        if adapter.method != self.name:
+            problems += [f"adapter.{key}={getattr(adapter, key)!r}: applies to method=lora only "
+                         f"(adapter.method={adapter.method})"
+                         for key, default in LORA_ONLY.items() if getattr(adapter, key) != default]
+        if not re.fullmatch(INIT_FORMS, adapter.init):
+            problems.append(f"adapter.init={adapter.init!r}: must be one of default, gaussian, "
+                            "pissa, pissa_niter_N (e.g. pissa_niter_16), olora, loftq")
+        if adapter.init == "loftq" and model.quantize != "nf4":
+            problems.append("adapter.init='loftq': fits LoRA to the error of 4-bit NF4 "
+                            f"quantization; needs model.quantize=nf4 (it is {model.quantize})")
+        for key, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+            try:
+                parse_pattern(getattr(adapter, key), kind)
+            except ValueError as exc:
+                problems.append(f"adapter.{key}={getattr(adapter, key)!r}: {exc}; expected "
+                                f"comma-separated name={kind.__name__} pairs "
+                                "(q_proj=8,v_proj=32)")
+        if rewrites_base(adapter.init) and adapter.use_rslora and (adapter.rank_pattern
+                                                                   or adapter.alpha_pattern):
+            problems.append(f"adapter.init={adapter.init!r} with use_rslora and rank/alpha "
+                            "patterns: peft cannot convert such an adapter to fit the original "
+                            "base; drop one")
+        if adapter.loraplus_lr_ratio < 0:
+            problems.append(f"adapter.loraplus_lr_ratio={adapter.loraplus_lr_ratio!r}: must be "
+                            ">= 0 (0 = off)")
+        return problems
 
+    def describe(self, adapter) -> str:
+        """'LoRA r16', 'DoRA r8 (rsLoRA, LoRA+, pissa)', ..."""
+        name = "DoRA" if adapter.use_dora else "LoRA"
+        extras = [x for x in ("rsLoRA" if adapter.use_rslora else "",
+                              "LoRA+" if adapter.loraplus_lr_ratio else "",
+                              "" if adapter.init == "default" else adapter.init) if x]
+        return f"{name} r{adapter.r}" + (f" ({', '.join(extras)})" if extras else "")
 
-def describe(adapter: Lora) -> str:
-    """A short name of the method, e.g. 'DoRA r16', 'IA3', 'prompt tuning (20 tokens)'."""
-    if adapter.method == "ia3":
-        return "IA3"
-    if adapter.method == "prompt_tuning":
-        return f"prompt tuning ({adapter.num_virtual_tokens} tokens)"
-    name = "DoRA" if adapter.use_dora else "LoRA"
-    extras = [x for x in ("rsLoRA" if adapter.use_rslora else "",
-                          "LoRA+" if adapter.loraplus_lr_ratio else "",
-                          "" if adapter.init == "default" else adapter.init) if x]
-    return f"{name} r{adapter.r}" + (f" ({', '.join(extras)})" if extras else "")
+    def card_summary(self, adapter) -> str:
+        return (f"A LoRA adapter (r={adapter.r}, alpha={adapter.alpha:g}, "
+                f"targets `{adapter.targets}`)")
 
+    def initialise(self, peft_model, adapter) -> dict | None:
+        """LoftQ fits the LoRA weights now; PiSSA and OLoRA return their starting weights."""
+        if adapter.init == "loftq":
+            _apply_loftq(peft_model)
+        if not rewrites_base(adapter.init):
+            return None
+        return {k: v.detach().clone() for k, v in peft_model.state_dict().items()
+                if "lora_" in k}
 
-def initialise(peft_model, adapter: Lora) -> dict | None:
-    """Method-specific steps after peft created the adapter layers. Returns the adapter's
-    starting weights when saving needs them (PiSSA, OLoRA), else None."""
-    if adapter.init == "loftq":
-        _apply_loftq(peft_model)
-    if adapter.method == "ia3":
-        _name_feedforward_as_targets(peft_model.peft_config["default"])
-    if not rewrites_base(adapter.init):
-        return None
-    return {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    def make_optimizer(self, peft_model, params: list, adapter, lr: float, weight_decay: float):
+        """AdamW on the adapter parameters; with LoRA+, B matrices get lr x loraplus_lr_ratio."""
+        if not adapter.loraplus_lr_ratio:
+            return super().make_optimizer(peft_model, params, adapter, lr, weight_decay)
+        import torch
+        from peft.optimizers import create_loraplus_optimizer
 
+        return create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=lr,
+                                         loraplus_lr_ratio=adapter.loraplus_lr_ratio,
+                                         loraplus_weight_decay=weight_decay)
 
-def _name_feedforward_as_targets(config) -> None:
-    """peft expands targets='all-linear' into full module paths but keeps feedforward_modules
-    as short names, and then refuses to load its own saved config (feed-forward modules must
-    be a subset of the targets): name the feed-forward layers by the same full paths."""
-    targets, feedforward = config.target_modules, config.feedforward_modules
-    if isinstance(targets, set) and isinstance(feedforward, set) and not feedforward <= targets:
-        config.feedforward_modules = {t for t in targets
-                                      if any(t == f or t.endswith("." + f) for f in feedforward)}
+    def save_adapter(self, peft_model, out, state_dict: dict | None,
+                     initial: dict | None) -> None:
+        """Save the adapter in PEFT format; a PiSSA/OLoRA adapter is first converted by peft
+        into a plain LoRA (rank 2r) that fits the original, unmodified base weights."""
+        if initial is None:
+            super().save_adapter(peft_model, out, state_dict, initial)
+            return
+        config = peft_model.peft_config["default"]
+        with tempfile.TemporaryDirectory(prefix="peftkit-init-") as start:
+            init, config.init_lora_weights = config.init_lora_weights, True
+            try:  # peft's recipe: the start point is saved as a plain LoRA, then subtracted
+                peft_model.save_pretrained(start, state_dict=initial)
+            finally:
+                config.init_lora_weights = init
+            peft_model.save_pretrained(out, state_dict=state_dict,
+                                       path_initial_model_for_weight_conversion=start)
+
+    def layers_saving_activations(self, peft_model) -> list:
+        """LoRA layers of the first decoder layer (every layer of these models is alike): each
+        keeps A's output (r values per token) and, with dropout, its dropped input."""
+        from peft.tuners.lora import LoraLayer
+
+        return [mod for name, mod in peft_model.named_modules()
+                if isinstance(mod, LoraLayer) and ".layers.0." in name]
 
 
 def _apply_loftq(peft_model) -> None:
@@ -175,31 +184,4 @@ def _apply_loftq(peft_model) -> None:
         raise UserError(f"adapter.init=loftq: {exc}") from exc
 
 
-def make_optimizer(peft_model, params: list, adapter: Lora, lr: float, weight_decay: float):
-    """AdamW on the adapter parameters; with LoRA+, B matrices get lr x loraplus_lr_ratio."""
-    import torch
-
-    if not adapter.loraplus_lr_ratio:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    from peft.optimizers import create_loraplus_optimizer
-
-    return create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=lr,
-                                     loraplus_lr_ratio=adapter.loraplus_lr_ratio,
-                                     loraplus_weight_decay=weight_decay)
-
-
-def save_adapter(peft_model, out, state_dict: dict | None, initial: dict | None) -> None:
-    """Save the adapter in PEFT format; a PiSSA/OLoRA adapter is first converted by peft into
-    a plain LoRA (rank 2r) that fits the original, unmodified base weights."""
-    if initial is None:
-        peft_model.save_pretrained(out, state_dict=state_dict)
-        return
-    config = peft_model.peft_config["default"]
-    with tempfile.TemporaryDirectory(prefix="peftkit-init-") as start:
-        init, config.init_lora_weights = config.init_lora_weights, True
-        try:  # peft's recipe: the start point is saved as a plain LoRA, then subtracted
-            peft_model.save_pretrained(start, state_dict=initial)
-        finally:
-            config.init_lora_weights = init
-        peft_model.save_pretrained(out, state_dict=state_dict,
-                                   path_initial_model_for_weight_conversion=start)
+LORA = LoraMethod()

@@ -91,12 +91,12 @@ def _quiet_libraries() -> None:
     # virtual tokens shift every position).
     warnings.filterwarnings("ignore", message="Position ids are not supported for parameter")
     # PiSSA/OLoRA checkpoints keep the unconverted adapter on purpose (resume needs it); the
-    # final adapter is converted to a plain LoRA (lora.save_adapter), as peft advises.
+    # final adapter is converted to a plain LoRA (adapters/lora.py), as peft advises.
     warnings.filterwarnings("ignore", message="(PiSSA|OLoRA) changes the base weights")
 
 
 def cmd_ls(args) -> int:
-    from peftkit.adapters import lora
+    from peftkit.adapters.registry import describe
     from peftkit.recipe import registry
 
     table = Table(title="peftkit recipes", title_justify="left")
@@ -104,7 +104,7 @@ def cmd_ls(args) -> int:
         table.add_column(col, overflow="fold")
     for name, entry in sorted(registry.shipped().items()):
         r = entry.recipe
-        method = ("Q" if r.model.quantize else "") + lora.describe(r.adapter)
+        method = ("Q" if r.model.quantize else "") + describe(r.adapter)
         table.add_row(name, r.model.name, method, r.model.quantize or "-",
                       r.launch.hardware, entry.description)
     _console().print(table)
@@ -121,7 +121,7 @@ def _resolve(args):
 
 def cmd_show(args) -> int:
     from peftkit.recipe.schema import SECTIONS
-    from peftkit.adapters.lora import describe
+    from peftkit.adapters.registry import describe
     from peftkit.model.summary import parameter_counts
 
     entry, recipe = _resolve(args)

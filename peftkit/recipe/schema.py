@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftkit.adapters.registry import method_names
+
 
 
 def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
@@ -75,7 +77,7 @@ class Lora:
     method: str = _f("lora", "adapter method (peft): lora (with the settings above), ia3 "
                              "(learned rescaling vectors on `targets`), prompt_tuning "
                              "(num_virtual_tokens learned input embeddings)",
-                     ("lora", "ia3", "prompt_tuning"))
+                     method_names())
     num_virtual_tokens: int = _f(20, "prompt_tuning: learned virtual tokens prepended to "
                                      "every input")
     loraplus_lr_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = train.lr x "

@@ -8,9 +8,9 @@ import math
 import typing
 from typing import Any
 
-from peftkit.adapters.lora import adapter_problems
+from peftkit.adapters.registry import adapter_problems
 from peftkit.errors import ConfigError
-from peftkit.recipe.schema import SECTIONS, Hub, Lora, Model, Recipe, field_types, type_name
+from peftkit.recipe.schema import SECTIONS, Hub, Model, Recipe, field_types, type_name
 
 
 def _check_types(section: str, obj: Any) -> tuple[list[str], list[str]]:
@@ -43,9 +43,8 @@ def _positive(problems: list[str], key: str, value: float, allow_zero: bool = Fa
         problems.append(f"{key}={value!r}: must be {need}")
 
 
-def _quantization_problems(m: Model, a: Lora) -> list[str]:
-    """Settings that only mean something for (4-bit) quantization, and adapter inits that
-    rewrite base weights, which a quantized base cannot hold exactly."""
+def _quantization_problems(m: Model) -> list[str]:
+    """Settings that only mean something for (4-bit) quantization."""
     problems = []
     four_bit = m.quantize in ("nf4", "fp4")
     only = "only applies to 4-bit quantization (model.quantize=nf4 or fp4)"
@@ -56,10 +55,6 @@ def _quantization_problems(m: Model, a: Lora) -> list[str]:
     if not four_bit and m.compute_dtype != "auto":
         problems.append(f"model.compute_dtype={m.compute_dtype!r}: {only} (8-bit layers compute "
                         "in the activation dtype; an unquantized base uses model.dtype)")
-    if m.quantize and (a.init.startswith("pissa") or a.init == "olora"):
-        problems.append(f"adapter.init={a.init!r}: rewrites the base weights, which a "
-                        f"quantized base (model.quantize={m.quantize}) cannot hold exactly; use "
-                        "default, gaussian or loftq (nf4), or drop model.quantize")
     return problems
 
 
@@ -80,7 +75,7 @@ def problems_of(recipe: Recipe) -> list[str]:
     m, a, d, t, lch = recipe.model, recipe.adapter, recipe.data, recipe.train, recipe.launch
     if not m.name:
         problems.append("model.name: empty; name a Hub model id or a local path")
-    problems += _quantization_problems(m, a)
+    problems += _quantization_problems(m)
     problems += adapter_problems(m, a)
     _positive(problems, "adapter.r", a.r)
     _positive(problems, "adapter.alpha", a.alpha)

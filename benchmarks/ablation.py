@@ -66,7 +66,8 @@ def apply_variant(name: str) -> list[str]:
 
 def child(name: str, spec_path: str, out_path: str) -> int:
     from peftkit.bench.side import run_side
-    from peftkit.recipe.schema import apply_overrides, recipe_from_dict
+    from peftkit.recipe.schema import recipe_from_dict
+    from peftkit.recipe.overrides import apply_overrides
 
     spec = json.loads(Path(spec_path).read_text())
     recipe = apply_overrides(recipe_from_dict(spec["recipe"]), apply_variant(name))
@@ -91,7 +92,7 @@ def main() -> int:
 
     from peftkit.bench import harness as bench
     from peftkit.recipe import registry
-    from peftkit.recipe.schema import apply_overrides
+    from peftkit.recipe.overrides import apply_overrides
     from peftkit.bench.flops import matmul_peak
     from peftkit.model.loading import base_path
 

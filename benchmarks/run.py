@@ -65,7 +65,7 @@ def main() -> int:
     from peftkit.bench import harness as bench
     from peftkit.bench import report as bench_report
     from peftkit.recipe import registry
-    from peftkit.recipe.schema import apply_overrides
+    from peftkit.recipe.overrides import apply_overrides
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     failed = []

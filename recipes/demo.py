@@ -1,6 +1,6 @@
 """Demo: teach a tiny offline Llama to sort digits and reverse letters (CPU, ~2 min)."""
 
-from peftkit.recipe.schema import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # The base is a random-weight Llama (hidden 256, 4 layers) built offline with peftkit's own
 # byte-level BPE tokenizer. A random LM head gives a near-flat softmax, so the head and the

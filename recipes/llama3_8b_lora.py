@@ -1,6 +1,6 @@
 """LoRA r16 on Llama-3.1-8B-Instruct with alpaca-cleaned; one 40-80 GB GPU in bf16."""
 
-from peftkit.recipe.schema import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # Hyper-parameters follow the common published LoRA settings for Llama 3 8B
 # (torchtune llama3_1/8B_lora_single_device: r=8..16, alpha=2r, lr 3e-4, all linear layers).

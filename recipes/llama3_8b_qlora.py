@@ -1,6 +1,6 @@
 """QLoRA r16 on Llama-3.1-8B-Instruct with alpaca-cleaned; fits one 24 GB GPU."""
 
-from peftkit.recipe.schema import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # The QLoRA paper's setup (Dettmers et al. 2023): a frozen NF4 base with double quantization,
 # bf16 compute, LoRA on every linear layer, lr 2e-4; gradient checkpointing and a micro-batch

@@ -1,6 +1,6 @@
 """LoRA r16 on Mistral-7B-Instruct-v0.3 with alpaca-cleaned; one 40-80 GB GPU in bf16."""
 
-from peftkit.recipe.schema import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # Mistral's mistral-finetune defaults: rank 64 on all linear layers, lr 6e-5..1e-4; the
 # widely used community setting r=16, alpha=32, lr 2e-4 converges faster on alpaca-sized data.

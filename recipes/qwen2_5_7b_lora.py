@@ -1,6 +1,6 @@
 """LoRA r16 on Qwen2.5-7B-Instruct with alpaca-cleaned; one 40-80 GB GPU in bf16."""
 
-from peftkit.recipe.schema import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # Qwen's own fine-tuning examples use lr 1e-4..2e-4 with r=8..64 on all projections.
 RECIPE = Recipe(

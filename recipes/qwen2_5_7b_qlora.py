@@ -1,6 +1,6 @@
 """QLoRA r16 on Qwen2.5-7B-Instruct with alpaca-cleaned; fits one 24 GB GPU."""
 
-from peftkit.recipe.schema import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # QLoRA settings as for Llama 3 8B (NF4 + double quantization, bf16 compute, all linear
 # layers, lr 2e-4). Qwen2.5's 152k vocabulary makes the LM head and its logits larger, so the

@@ -16,7 +16,8 @@ import torch
 
 from peftkit.training import checkpoint
 from peftkit.cli.app import main
-from peftkit.recipe.schema import RESUME_SAFE, SECTIONS, Model
+from peftkit.recipe import Model
+from peftkit.recipe.schema import RESUME_SAFE, SECTIONS
 from peftkit.data.sources import resolve_source
 
 TRAIN = ["train", "demo", "model.tiny_size=xs", "data.train=data.jsonl", "data.eval=",
@@ -140,7 +141,7 @@ def template(text):
     return setup
 
 
-RECIPE_HEAD = '"""A user recipe."""\nfrom peftkit.recipe.schema import Data, Lora, Model, Recipe, Train\n'
+RECIPE_HEAD = '"""A user recipe."""\nfrom peftkit.recipe import Data, Lora, Model, Recipe, Train\n'
 VALID_BODY = 'RECIPE = Recipe(model=Model("org/m"), data=Data("d.jsonl"){})\n'
 DIFFERENT = "the checkpoint was trained with a different recipe"
 

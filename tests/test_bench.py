@@ -42,7 +42,7 @@ def test_bench_compares_the_same_work(compared):
 
     from peftkit.data import dataset
     from peftkit.recipe import registry
-    from peftkit.recipe.schema import apply_overrides
+    from peftkit.recipe.overrides import apply_overrides
     from peftkit.model.loading import base_path, load_tokenizer
 
     code, result, _, out = compared
@@ -129,7 +129,7 @@ def test_flops_accounting():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from peftkit.recipe.schema import Lora, Model, Recipe
+    from peftkit.recipe import Lora, Model, Recipe
     from peftkit.bench.flops import Shape, shape_of, train_flops
     from peftkit.model.loading import attach_adapter
     from peftkit.model.summary import base_config

@@ -15,7 +15,8 @@ import pytest
 from peftkit import __version__
 from peftkit.recipe import registry
 from peftkit.cli.app import build_parser, main
-from peftkit.recipe.schema import SECTIONS, apply_overrides
+from peftkit.recipe.schema import SECTIONS
+from peftkit.recipe.overrides import apply_overrides
 
 # the tests build models outside `main`, whose warning filters do not apply there
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")

@@ -1,4 +1,4 @@
-"""peftkit.recipe.schema and peftkit.recipe.registry: the recipe schema, overrides, validation, loading."""
+"""peftkit.recipe: the recipe schema, overrides, validation, and loading (registry)."""
 
 import dataclasses
 import json
@@ -11,9 +11,10 @@ import pytest
 
 from peftkit.recipe import schema as config
 from peftkit.recipe import registry
-from peftkit.recipe.schema import (SECTIONS, Data, Lora, Model, Recipe, Train, apply_overrides,
-                            describe_fields, parse_overrides, problems_of, recipe_from_dict,
-                            validate)
+from peftkit.recipe import Data, Lora, Model, Recipe, Train
+from peftkit.recipe.overrides import apply_overrides, parse_overrides
+from peftkit.recipe.schema import SECTIONS, describe_fields, recipe_from_dict
+from peftkit.recipe.validate import problems_of, validate
 from peftkit.errors import ConfigError, UserError
 
 ALL_KEYS = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}

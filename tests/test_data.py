@@ -13,7 +13,8 @@ from peftkit.data.example import IGNORE
 from peftkit.data.formats import FORMATS, detect_format, to_messages
 from peftkit.data.render import prompt_of, tokenize_record
 from peftkit.data.sources import load_records, resolve_source
-from peftkit.recipe.schema import DATA_FORMATS, Data
+from peftkit.recipe import Data
+from peftkit.recipe.schema import DATA_FORMATS
 from peftkit.errors import UserError
 
 CHAT = {"messages": [{"role": "user", "content": "hello world"},

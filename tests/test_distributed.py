@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from peftkit.recipe import registry
-from peftkit.recipe.schema import apply_overrides
+from peftkit.recipe.overrides import apply_overrides
 from peftkit.training.loop import train
 
 SETTINGS = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0",

@@ -18,7 +18,8 @@ import pytest
 
 from peftkit.errors import ConfigError
 from peftkit.recipe import registry
-from peftkit.recipe.schema import SECTIONS, apply_overrides, parse_overrides
+from peftkit.recipe.overrides import apply_overrides, parse_overrides
+from peftkit.recipe.schema import SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

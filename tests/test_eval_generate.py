@@ -10,7 +10,8 @@ import torch
 
 from peftkit.recipe import registry
 from peftkit.cli.app import main
-from peftkit.recipe.schema import apply_overrides, recipe_from_dict
+from peftkit.recipe.schema import recipe_from_dict
+from peftkit.recipe.overrides import apply_overrides
 from peftkit.training.loop import train
 
 PROMPT = "Sort: 3 1 2"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peftkit.model import fused_lora
-from peftkit.recipe.schema import Model
+from peftkit.recipe import Model
 from peftkit.model.loading import base_path
 
 

@@ -22,7 +22,7 @@ import yaml
 from peftkit.recipe import registry
 from peftkit.run.card import metadata
 from peftkit.cli.app import main
-from peftkit.recipe.schema import apply_overrides
+from peftkit.recipe.overrides import apply_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 

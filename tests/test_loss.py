@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peftkit.data.batching import IGNORE
-from peftkit.recipe.schema import Lora, Model
+from peftkit.recipe import Lora, Model
 from peftkit.training.loss import TokenLoss
 from peftkit.model.loading import attach_adapter, base_path, load_model
 from peftkit.model.tiny import SUPPORTED_ARCHS

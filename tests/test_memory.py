@@ -9,7 +9,7 @@ import torch
 
 from peftkit.model import memory
 from peftkit.recipe import registry
-from peftkit.recipe.schema import apply_overrides
+from peftkit.recipe.overrides import apply_overrides
 from peftkit.model.loading import (base_path, load_model, prepare_for_training, resolve_precision,
                               attach_adapter)
 from peftkit.model.summary import base_config

@@ -9,7 +9,7 @@ import torch
 
 from peftkit.recipe import registry
 from peftkit.cli.app import main
-from peftkit.recipe.schema import apply_overrides
+from peftkit.recipe.overrides import apply_overrides
 from peftkit.training.loop import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")

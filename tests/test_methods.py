@@ -1,4 +1,4 @@
-"""Adapter methods (peftkit/methods.py): each one trains, and its saved adapter loads in plain
+"""Adapter methods (peftkit/adapters/): each one trains, and its saved adapter loads in plain
 peft with the same logits; settings that cannot work together are refused together."""
 
 import json
@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from peftkit.adapters import methods
+from peftkit.adapters.lora import LORA, lora_config
 from peftkit.recipe import registry
 from peftkit.data.batching import IGNORE
-from peftkit.recipe.schema import Lora, Model, apply_overrides
+from peftkit.recipe import Lora, Model
+from peftkit.recipe.overrides import apply_overrides
 from peftkit.errors import ConfigError, UserError
+from peftkit.export.merge import merge_run
 from peftkit.training.loss import TokenLoss
-from peftkit.model.loading import attach_adapter, base_path, load_model, lora_config
+from peftkit.model.loading import attach_adapter, base_path, load_model
 from peftkit.model.summary import parameter_counts
 from peftkit.training.loop import train
 
@@ -86,6 +88,13 @@ def test_method_trains_and_its_adapter_loads_in_plain_peft(tmp_path, name):
     if name == "prompt-tuning":
         assert saved["peft_type"] == "PROMPT_TUNING" and saved["num_virtual_tokens"] == 4
 
+    # The model card names the method; `peftkit merge` refuses what peft cannot merge.
+    label = {"ia3": "IA3", "prompt-tuning": "prompt-tuning"}.get(name, "LoRA")
+    assert f"\n# {name}: {label} adapter\n" in (result.path / "README.md").read_text()
+    if name == "prompt-tuning":
+        with pytest.raises(UserError, match="adapter.method=prompt_tuning: nothing to merge"):
+            merge_run(result.path, tmp_path / "merged")
+
 
 def tiny_model(arch="llama"):
     model = Model(f"tiny/{arch}", arch=arch, tiny=True)
@@ -124,7 +133,7 @@ def test_token_loss_equals_peft_loss(method):
 def test_loraplus_gives_b_matrices_a_larger_learning_rate():
     model = attach_adapter(tiny_model(), Lora(r=4, loraplus_lr_ratio=16))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = methods.make_optimizer(model, params, Lora(loraplus_lr_ratio=16), 1e-3, 0.0)
+    optimizer = LORA.make_optimizer(model, params, Lora(loraplus_lr_ratio=16), 1e-3, 0.0)
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     for name, p in model.named_parameters():
         if "lora_A" in name:
@@ -132,7 +141,7 @@ def test_loraplus_gives_b_matrices_a_larger_learning_rate():
         if "lora_B" in name:
             assert lr_of[id(p)] == pytest.approx(16e-3), name
     assert len(lr_of) == len(params)
-    plain = methods.make_optimizer(model, params, Lora(), 1e-3, 0.0)
+    plain = LORA.make_optimizer(model, params, Lora(), 1e-3, 0.0)
     assert [g["lr"] for g in plain.param_groups] == [1e-3]
 
 
@@ -173,7 +182,7 @@ def test_incompatible_settings_are_reported_together():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_loftq_without_cuda_is_a_clear_error():
     with pytest.raises(UserError, match="CUDA GPU"):
-        methods.initialise(None, Lora(init="loftq"))
+        LORA.initialise(None, Lora(init="loftq"))
 
 
 def test_show_prints_each_method(capsys):

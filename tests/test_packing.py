@@ -5,7 +5,7 @@ import torch
 
 from peftkit.data import packing
 from peftkit.data.batching import collate, loss_tokens
-from peftkit.recipe.schema import Lora, Model
+from peftkit.recipe import Lora, Model
 from peftkit.data.example import IGNORE, Example
 from peftkit.model.head_loss import head_loss
 from peftkit.training.loss import TokenLoss
@@ -160,7 +160,7 @@ def test_training_packed_and_compiled_equals_training_padded(tmp_path):
     import json
 
     from peftkit.recipe import registry
-    from peftkit.recipe.schema import apply_overrides
+    from peftkit.recipe.overrides import apply_overrides
     from peftkit.training.loop import train
 
     def run(path, *overrides):

@@ -8,7 +8,7 @@ import pytest
 
 from peftkit.recipe import registry
 from peftkit.cli.app import main
-from peftkit.recipe.schema import apply_overrides
+from peftkit.recipe.overrides import apply_overrides
 from peftkit.data.example import IGNORE
 from peftkit.data.preflight import CLOSE, OPEN, percentile, preflight
 

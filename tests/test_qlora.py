@@ -10,7 +10,9 @@ import torch
 from peftkit.model import quantize
 from peftkit.recipe import registry
 from peftkit.cli.app import main
-from peftkit.recipe.schema import Model, apply_overrides, problems_of
+from peftkit.recipe import Model
+from peftkit.recipe.overrides import apply_overrides
+from peftkit.recipe.validate import problems_of
 from peftkit.errors import UserError
 from peftkit.model.loading import (attach_adapter, base_path, load_model, prepare_for_training,
                               resolve_precision)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peftkit.recipe import registry
-from peftkit.recipe.schema import apply_overrides
+from peftkit.recipe.overrides import apply_overrides
 from peftkit.training.loop import train
 
 # The demo task at the smallest tiny size: each run takes a few seconds.

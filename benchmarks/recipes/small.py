@@ -1,7 +1,7 @@
 """Benchmark: small Llama (58M params, 32k vocab), LoRA r16 all-linear, long-tailed lengths."""
 
 from peftkit.bench.data import dataset_file
-from peftkit.recipe.schema import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # Random weights, built offline (hidden 512, 8 layers, 42M matmul parameters with the LM
 # head); a 32k vocabulary makes the head and cross-entropy weigh what they do in real models.

@@ -1,7 +1,7 @@
 """Benchmark: tiny Llama (7.6M params, 4k vocab), LoRA r16 all-linear, long-tailed lengths."""
 
 from peftkit.bench.data import dataset_file
-from peftkit.recipe.schema import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # Random weights, built offline (hidden 256, 4 layers); synthetic instruction-like data with a
 # lognormal length distribution (median ~220 tokens, clipped 16..1024), see bench_data.py.

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from peftkit.recipe.schema import Recipe, validate
+from peftkit.recipe.schema import Recipe
+from peftkit.recipe.validate import validate
 from peftkit.errors import RunError, UserError
 
 BASELINES = ("hf", "hf-grouped")

@@ -25,8 +25,8 @@ import torch
 from peftkit.data import dataset
 from peftkit.model import memory
 from peftkit.recipe.schema import Recipe
-from peftkit.model.loading import (base_path, count_parameters, load_tokenizer, lora_config,
-                              resolve_precision)
+from peftkit.adapters.lora import lora_config
+from peftkit.model.loading import base_path, count_parameters, load_tokenizer, resolve_precision
 
 
 def fingerprint(input_ids: list[int]) -> str:

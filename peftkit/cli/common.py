@@ -9,7 +9,8 @@ from rich.console import Console
 
 from peftkit.recipe import registry
 from peftkit.recipe.registry import Entry
-from peftkit.recipe.schema import Recipe, apply_overrides
+from peftkit.recipe.overrides import apply_overrides
+from peftkit.recipe.schema import Recipe
 
 RUN_HELP = "run directory written by `peftkit train` (e.g. runs/demo)"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from peftkit.adapters import methods
+from peftkit.adapters.registry import describe
 from peftkit.cli.common import add_command, make_console
 from peftkit.recipe import registry
 
@@ -24,7 +24,7 @@ def cmd_ls(args) -> int:
         table.add_column(col, overflow="fold")
     for name, entry in sorted(registry.shipped().items()):
         r = entry.recipe
-        method = ("Q" if r.model.quantize else "") + methods.describe(r.adapter)
+        method = ("Q" if r.model.quantize else "") + describe(r.adapter)
         table.add_row(name, r.model.name, method, r.model.quantize or "-",
                       r.launch.hardware, entry.description)
     make_console().print(table)

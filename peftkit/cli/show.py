@@ -7,10 +7,9 @@ import dataclasses
 
 from rich.table import Table
 
-from peftkit.adapters.methods import describe
+from peftkit.adapters.registry import describe
 from peftkit.cli.common import add_command, add_recipe_args, make_console, resolve_recipe
 from peftkit.data.preflight import preflight, print_report
-from peftkit.model.summary import parameter_counts
 from peftkit.recipe.schema import SECTIONS
 
 HELP = "print a resolved recipe and its parameter counts"
@@ -46,6 +45,10 @@ def cmd_show(args) -> int:
                 "  [yellow](override)[/]" if changed else ""), f"[dim]{f.metadata['doc']}[/]")
         console.print(table)
     console.print("validation: [green]ok[/]")
+    # both import torch (seconds): kept out of CLI start-up, and after bad input is reported
+    from peftkit.model.memory import print_estimate
+    from peftkit.model.summary import parameter_counts
+
     counts = parameter_counts(recipe)
     if counts is None:
         console.print("parameters: unknown (base config unavailable offline)")
@@ -54,9 +57,6 @@ def cmd_show(args) -> int:
         console.print(f"parameters: {trainable:,} trainable of {total:,} "
                       f"({100 * trainable / total:.3f}%) with {describe(recipe.adapter)}, "
                       f"shape from {source}")
-    # imports torch (seconds): kept out of CLI start-up, and after bad input is reported
-    from peftkit.model.memory import print_estimate
-
     print_estimate(recipe, console)
     if args.data:
         print_report(preflight(recipe), console)

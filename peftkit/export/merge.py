@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from peftkit.adapters.registry import adapter_method
 from peftkit.run import rundir
 from peftkit.data.batching import IGNORE, collate
 from peftkit.data.example import Example
@@ -126,9 +127,9 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", overwrite: 
     recipe, doc = read_recipe(run)
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise UserError(f"{run}: the run has no adapter/ (did training finish?)")
-    if recipe.adapter.method == "prompt_tuning":
-        raise UserError("adapter.method=prompt_tuning: nothing to merge (it learns input "
-                        "embeddings, not weight changes); publish the adapter itself")
+    refusal = adapter_method(recipe.adapter).merge_refusal
+    if refusal:
+        raise UserError(f"adapter.method={recipe.adapter.method}: {refusal}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     _check_out(out, overwrite)

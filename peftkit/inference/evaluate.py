@@ -18,7 +18,7 @@ from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
-from peftkit.recipe.schema import suggest
+from peftkit.recipe.overrides import suggest
 from peftkit.errors import UserError
 
 FROM_LOSS = ("loss", "perplexity")

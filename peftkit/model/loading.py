@@ -1,4 +1,4 @@
-"""Load the base model and tokenizer a recipe names, and attach its LoRA adapter through peft."""
+"""Load the base model and tokenizer a recipe names, and attach its adapter through peft."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from peftkit.adapters import methods
+from peftkit.adapters.registry import adapter_method
 from peftkit.model import quantize
 from peftkit.recipe.schema import Launch, Lora, Model
 from peftkit.errors import UserError
@@ -140,27 +140,12 @@ def prepare_for_training(base, model: Model, gradient_checkpointing: bool):
     return base
 
 
-def lora_config(adapter: Lora):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-        target_modules=methods.target_modules(adapter.targets), use_rslora=adapter.use_rslora,
-        use_dora=adapter.use_dora, init_lora_weights=methods.init_lora_weights(adapter.init),
-        bias=adapter.bias, task_type="CAUSAL_LM",
-        rank_pattern=methods.parse_pattern(adapter.rank_pattern, int),
-        alpha_pattern=methods.parse_pattern(adapter.alpha_pattern, float),
-        modules_to_save=methods.names(adapter.modules_to_save),
-    )
-
-
 def attach_adapter(base, adapter: Lora):
     """Wrap `base` in a PeftModel: base weights frozen, adapter weights trainable."""
     from peft import get_peft_model
 
     try:
-        config = (lora_config(adapter) if adapter.method == "lora"
-                  else methods.non_lora_config(adapter, base.config.model_type))
+        config = adapter_method(adapter).peft_config(adapter, base.config.model_type)
         return get_peft_model(base, config)
     except ValueError as exc:  # peft names the unmatched target modules
         raise UserError(f"adapter.targets={adapter.targets!r}: {str(exc).splitlines()[0]}") \

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peftkit.adapters.registry import adapter_method
 from peftkit.model.loading import attach_adapter, resolve_precision
 from peftkit.model.sharded import plain_construction
 from peftkit.model.summary import base_config
@@ -124,15 +125,6 @@ def base_bytes(model, recipe: Recipe, weight_dtype: torch.dtype) -> tuple[int, i
     return quantized, other, largest
 
 
-def _adapted_linears(peft_model) -> list:
-    """LoRA layers of the first decoder layer (every layer of these models is alike)."""
-    from peft.tuners.lora import LoraLayer
-
-    found = [mod for name, mod in peft_model.named_modules()
-             if isinstance(mod, LoraLayer) and ".layers.0." in name]
-    return found
-
-
 def activation_floats_per_token(config, recipe: Recipe, adapted: list) -> dict[str, float]:
     """Saved-for-backward values per token of one decoder layer (see the module doc)."""
     h = config.hidden_size
@@ -196,8 +188,8 @@ def estimate(recipe: Recipe, config, precision) -> Estimate:
             ("adapter gradients", 4, "float32"),
             ("AdamW states", 8, "2 x float32 per trainable param")):
         parts[name], notes[name] = size * trainable, note
-    act_parts = _activation_parts(config, recipe, _adapted_linears(peft_model), act,
-                                  largest * compute)
+    adapted = adapter_method(recipe.adapter).layers_saving_activations(peft_model)
+    act_parts = _activation_parts(config, recipe, adapted, act, largest * compute)
     for name, (size, note) in act_parts.items():
         parts[name], notes[name] = int(size), note
     t, d = recipe.train, recipe.data

@@ -8,7 +8,9 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peftkit.recipe.schema import Recipe, problems_of, suggest
+from peftkit.recipe.overrides import suggest
+from peftkit.recipe.schema import Recipe
+from peftkit.recipe.validate import problems_of
 from peftkit.errors import ConfigError, UserError
 
 

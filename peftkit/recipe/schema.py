@@ -1,21 +1,20 @@
 """The recipe schema: typed, frozen sections whose fields carry their own type, default and doc.
 
-Everything else (CLI overrides, validation messages, `peftkit show`, recipe.json) is derived
-from these dataclasses, so there is exactly one list of settings to keep in sync.
+Everything else (CLI overrides in overrides.py, validation messages in validate.py, `peftkit
+show`, recipe.json) is derived from these dataclasses, so there is exactly one list of settings
+to keep in sync.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from peftkit.errors import ConfigError
-from peftkit.adapters.methods import adapter_problems
+from peftkit.adapters.registry import method_names
+
 
 
 def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
@@ -78,7 +77,7 @@ class Lora:
     method: str = _f("lora", "adapter method (peft): lora (with the settings above), ia3 "
                              "(learned rescaling vectors on `targets`), prompt_tuning "
                              "(num_virtual_tokens learned input embeddings)",
-                     ("lora", "ia3", "prompt_tuning"))
+                     method_names())
     num_virtual_tokens: int = _f(20, "prompt_tuning: learned virtual tokens prepended to "
                                      "every input")
     loraplus_lr_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = train.lr x "
@@ -200,97 +199,19 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------------------------
-# Overrides: "section.field=value" converted by the field's declared type.
+# Introspection: types, defaults and docs read from the sections.
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """{field name: declared type} of a recipe section."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _convert(text: str, tp: Any) -> Any:
-    """Convert a command-line string to the field type `tp` (raises ValueError)."""
-    args = typing.get_args(tp)
+def type_name(tp: Any) -> str:
+    """How a field type reads in messages and --help: int, str or none, ..."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null", ""):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(text, inner[0])
-    if tp is bool:
-        low = text.lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise ValueError("expected true or false")
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            # allow 1e3-style integers, but not 2.5
-            number = float(text)
-            if not number.is_integer():
-                raise ValueError("expected an integer") from None
-            return int(number)
-    if tp is float:
-        return float(text)
-    return text
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
-
-
-def parse_overrides(items: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Parse `section.field=value` strings. Returns ({section: {field: value}}, problems)."""
-    parsed: dict[str, dict[str, Any]] = {}
-    problems: list[str] = []
-    all_keys = [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep:
-            problems.append(f"override '{item}': expected section.field=value "
-                            f"(e.g. train.lr=1e-4)")
-            continue
-        section, dot, name = key.partition(".")
-        if section == "name" and not dot:
-            parsed.setdefault("", {})["name"] = text
-            continue
-        cls = SECTIONS.get(section)
-        types_ = _field_types(cls) if cls else {}
-        if not dot or cls is None or name not in types_:
-            problems.append(f"unknown setting '{key}'{suggest(key, all_keys)}")
-            continue
-        try:
-            parsed.setdefault(section, {})[name] = _convert(text, types_[name])
-        except ValueError:
-            problems.append(f"{key}={text!r}: expected {_type_name(types_[name])}")
-    return parsed, problems
-
-
-def apply_overrides(recipe: Recipe, items: list[str]) -> Recipe:
-    """Return a recipe with `section.field=value` overrides applied and validated; every
-    problem (unknown keys, unconvertible values, out-of-range values) is reported at once."""
-    parsed, problems = parse_overrides(items)
-    changes: dict[str, Any] = {}
-    for section, values in parsed.items():
-        if section == "":
-            changes.update(values)
-        else:
-            changes[section] = dataclasses.replace(getattr(recipe, section), **values)
-    recipe = dataclasses.replace(recipe, **changes)
-    problems += problems_of(recipe)
-    if problems:
-        raise ConfigError(problems)
-    return recipe
 
 
 def recipe_from_dict(data: dict) -> Recipe:
@@ -299,138 +220,15 @@ def recipe_from_dict(data: dict) -> Recipe:
     return Recipe(name=data.get("name", ""), **sections)
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation: every problem at once, each naming its field.
-
-def _check_types(section: str, obj: Any) -> tuple[list[str], list[str]]:
-    """(type problems, choice problems) of one section. Range checks need correct types, so
-    type problems stop validation early; choice problems do not."""
-    problems, bad_choices = [], []
-    for name, tp in _field_types(type(obj)).items():
-        value = getattr(obj, name)
-        allowed = tuple(a for a in typing.get_args(tp)) or (tp,)
-        allowed = tuple(float if a is float else a for a in allowed)
-        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            problems.append(f"{section}.{name}={value!r}: expected {_type_name(tp)}")
-            continue
-        choices = dataclasses.fields(type(obj))[
-            [f.name for f in dataclasses.fields(type(obj))].index(name)].metadata.get("choices")
-        if choices and value not in choices:
-            shown = ", ".join(str(c).lower() if c is None else str(c) for c in choices)
-            bad_choices.append(f"{section}.{name}={value!r}: must be one of {shown}")
-    return problems, bad_choices
-
-
-def _positive(problems: list[str], key: str, value: float, allow_zero: bool = False) -> None:
-    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
-        problems.append(f"{key}={value!r}: must be a finite number")
-    elif isinstance(value, (int, float)) and (value < 0 or (value == 0 and not allow_zero)):
-        need = ">= 0" if allow_zero else "> 0"
-        problems.append(f"{key}={value!r}: must be {need}")
-
-
-def _quantization_problems(m: Model, a: Lora) -> list[str]:
-    """Settings that only mean something for (4-bit) quantization, and adapter inits that
-    rewrite base weights, which a quantized base cannot hold exactly."""
-    problems = []
-    four_bit = m.quantize in ("nf4", "fp4")
-    only = "only applies to 4-bit quantization (model.quantize=nf4 or fp4)"
-    if not four_bit and m.double_quant is False:
-        problems.append(f"model.double_quant=False: {only}")
-    if not four_bit and m.quant_storage != "auto":
-        problems.append(f"model.quant_storage={m.quant_storage!r}: {only}")
-    if not four_bit and m.compute_dtype != "auto":
-        problems.append(f"model.compute_dtype={m.compute_dtype!r}: {only} (8-bit layers compute "
-                        "in the activation dtype; an unquantized base uses model.dtype)")
-    if m.quantize and (a.init.startswith("pissa") or a.init == "olora"):
-        problems.append(f"adapter.init={a.init!r}: rewrites the base weights, which a "
-                        f"quantized base (model.quantize={m.quantize}) cannot hold exactly; use "
-                        "default, gaussian or loftq (nf4), or drop model.quantize")
-    return problems
-
-
-def problems_of(recipe: Recipe) -> list[str]:
-    problems: list[str] = []
-    choice_problems: list[str] = []
-    for section in SECTIONS:
-        obj = getattr(recipe, section)
-        if not isinstance(obj, SECTIONS[section]):
-            problems.append(f"{section}: expected a {SECTIONS[section].__name__}(...) section")
-            continue
-        type_problems, bad_choices = _check_types(section, obj)
-        problems += type_problems
-        choice_problems += bad_choices
-    if problems:
-        return problems + choice_problems
-    problems = choice_problems
-    m, a, d, t, lch = recipe.model, recipe.adapter, recipe.data, recipe.train, recipe.launch
-    if not m.name:
-        problems.append("model.name: empty; name a Hub model id or a local path")
-    problems += _quantization_problems(m, a)
-    problems += adapter_problems(m, a)
-    _positive(problems, "adapter.r", a.r)
-    _positive(problems, "adapter.alpha", a.alpha)
-    if not 0 <= a.dropout < 1:
-        problems.append(f"adapter.dropout={a.dropout!r}: must be in [0, 1)")
-    if not a.targets.strip():
-        problems.append("adapter.targets: empty; use all-linear or module names")
-    if not d.train:
-        problems.append("data.train: empty; name a data file or Hub dataset id")
-    _positive(problems, "data.max_len", d.max_len)
-    _positive(problems, "data.eval_size", d.eval_size, allow_zero=True)
-    _positive(problems, "data.max_samples", d.max_samples, allow_zero=True)
-    _positive(problems, "train.lr", t.lr)
-    _positive(problems, "train.batch_size", t.batch_size)
-    _positive(problems, "train.grad_accum", t.grad_accum)
-    _positive(problems, "train.epochs", t.epochs)
-    for key in ("max_steps", "warmup_steps", "max_grad_norm", "weight_decay", "log_every",
-                "eval_every", "save_every", "eval_generate"):
-        _positive(problems, f"train.{key}", getattr(t, key), allow_zero=True)
-    _positive(problems, "train.keep_checkpoints", t.keep_checkpoints)
-    _positive(problems, "train.max_new_tokens", t.max_new_tokens)
-    _positive(problems, "launch.num_processes", lch.num_processes)
-    if t.max_steps > 0 and t.warmup_steps > t.max_steps:
-        problems.append(f"train.warmup_steps={t.warmup_steps}: longer than "
-                        f"train.max_steps={t.max_steps}")
-    if recipe.name and not all(c.isalnum() or c in "-_." for c in recipe.name):
-        problems.append(f"name={recipe.name!r}: use letters, digits, '-', '_' or '.'")
-    problems += hub_problems(recipe.hub)
-    return problems
-
-
-def hub_problems(h: Hub) -> list[str]:
-    problems = []
-    if h.repo_id and (h.repo_id.count("/") != 1 or not all(
-            part and all(c.isalnum() or c in "-_." for c in part)
-            for part in h.repo_id.split("/"))):
-        problems.append(f"hub.repo_id={h.repo_id!r}: expected owner/name (letters, digits, "
-                        "'-', '_', '.')")
-    if h.push_at_end and not h.repo_id:
-        problems.append("hub.push_at_end=True: hub.repo_id is empty; set hub.repo_id=owner/name")
-    if h.revision and (h.revision != h.revision.strip() or " " in h.revision):
-        problems.append(f"hub.revision={h.revision!r}: a branch name has no spaces")
-    return problems
-
-
-def validate(recipe: Recipe) -> Recipe:
-    problems = problems_of(recipe)
-    if problems:
-        raise ConfigError(problems)
-    return recipe
-
-
 def describe_fields() -> list[tuple[str, str, str, str]]:
     """(key, type, default, doc) for every setting: the source of `--help` and the docs."""
     rows = []
     for section, cls in SECTIONS.items():
-        types_ = _field_types(cls)
+        types_ = field_types(cls)
         for f in dataclasses.fields(cls):
             default = "" if f.default is dataclasses.MISSING else repr(f.default)
             doc = f.metadata.get("doc", "")
             if f.metadata.get("choices"):
                 doc += " [" + "|".join(str(c) for c in f.metadata["choices"]) + "]"
-            rows.append((f"{section}.{f.name}", _type_name(types_[f.name]), default, doc))
+            rows.append((f"{section}.{f.name}", type_name(types_[f.name]), default, doc))
     return rows

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peftkit.adapters import methods
+from peftkit.adapters.registry import adapter_method
 from peftkit.recipe.schema import Recipe
-
-LABELS = {"lora": "LoRA", "ia3": "IA3", "prompt_tuning": "prompt-tuning"}
 
 
 def _is_hub_id(source: str) -> bool:
@@ -98,16 +96,15 @@ def model_card(recipe: Recipe, result, metrics: list[dict], evals: dict | None =
     `repo_id` (default: hub.repo_id) goes into the usage snippet; `merge` (a
     merge_report.json) makes it the card of the merged model rather than of the adapter."""
     m, a = recipe.model, recipe.adapter
+    method = adapter_method(a)
     base = (f"peftkit's tiny random-weight stand-in for `{m.name}` (same architecture, "
             "scaled down, built offline); it is not the real model" if m.tiny else f"`{m.name}`")
     peak = (getattr(result, "memory", None) or {}).get("measured", {}).get("peak_bytes")
     return (
         f"---\n{metadata(recipe, merged=merge is not None).rstrip()}\n---\n\n"
-        f"# {recipe.name}: {LABELS[a.method]} adapter"
+        f"# {recipe.name}: {method.label} adapter"
         + (" merged into its base" if merge is not None else "") + "\n\n"
-        + (f"A LoRA adapter (r={a.r}, alpha={a.alpha:g}, targets `{a.targets}`)"
-           if a.method == "lora" else f"A {methods.describe(a)} adapter") +
-        f" for {base}, trained with "
+        + method.card_summary(a) + f" for {base}, trained with "
         f"peftkit on `{recipe.data.train}`.\n\n"
         f"- trainable parameters: {result.trainable:,} of {result.total:,}\n"
         f"- optimizer steps: {result.steps}; final training loss {result.train_loss:.4f}\n"

@@ -73,7 +73,8 @@ def push(run: str | Path, repo_id: str = "", private: bool | None = None,
     """Upload (or, with `dry_run`, only stage into RUN/push/) the adapter or merged model.
     Settings left None/empty come from the run's recipe (hub.*). `endpoint` defaults to
     huggingface_hub's (HF_ENDPOINT)."""
-    from peftkit.recipe.schema import hub_problems, Hub
+    from peftkit.recipe.schema import Hub
+    from peftkit.recipe.validate import hub_problems
     from peftkit.run.runs import read_recipe
 
     run = Path(run)

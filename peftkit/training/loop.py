@@ -21,7 +21,7 @@ from peftkit.model import compiled
 from peftkit.data import dataset
 from peftkit.training import distributed
 from peftkit.model import fused_lora
-from peftkit.adapters import methods
+from peftkit.adapters.registry import adapter_method
 from peftkit.data import packing
 from peftkit.training import resume as resuming
 from peftkit.run import rundir
@@ -154,18 +154,18 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     model = load_model(base, recipe.model, precision.dtype, precision.compute_dtype, acc.device)
     # Padding-free batches where the attention kernel can keep samples apart (packing.py).
     # (Prompt tuning prepends its virtual tokens to a whole row: its samples cannot share one.)
-    packed, note = packing.enable(model, recipe.data.packing
-                                  and recipe.adapter.method != "prompt_tuning")
+    method = adapter_method(recipe.adapter)
+    packed, note = packing.enable(model, recipe.data.packing and method.packable)
     notes += [note] if note else []
     model = prepare_for_training(model, recipe.model, t.gradient_checkpointing)
     peft_model = attach_adapter(model, recipe.adapter)
     fused_lora.enable(peft_model)  # LoRA's scaled update added inside its matmul
     if t.compile:  # after peft: the compiled layers include the adapters (compiled.py)
         compiled.compile_layers(model)
-    initial = methods.initialise(peft_model, recipe.adapter)  # LoftQ; PiSSA/OLoRA start point
+    initial = method.initialise(peft_model, recipe.adapter)  # LoftQ; PiSSA/OLoRA start point
     trainable, total = count_parameters(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = methods.make_optimizer(peft_model, params, recipe.adapter, t.lr, t.weight_decay)
+    optimizer = method.make_optimizer(peft_model, params, recipe.adapter, t.lr, t.weight_decay)
     # The schedule counts optimizer steps; it is stepped by hand (not `prepare`d), since
     # accelerate's wrapper would step it once per process.
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
@@ -322,7 +322,8 @@ def _save_outputs(path: Path, recipe: Recipe, peft_model, tokenizer, tokenizer_c
     from peftkit.run import card
     from peftkit.run import plot
 
-    methods.save_adapter(peft_model, path / "adapter", state_dict, initial)
+    adapter_method(recipe.adapter).save_adapter(peft_model, path / "adapter", state_dict,
+                                                initial)
     if tokenizer_changed:
         tokenizer.save_pretrained(path / "tokenizer")
     metrics = rundir.read_metrics(path)

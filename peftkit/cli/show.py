@@ -9,7 +9,6 @@ from rich.table import Table
 
 from peftkit.adapters.registry import describe
 from peftkit.cli.common import add_command, add_recipe_args, make_console, resolve_recipe
-from peftkit.data.preflight import preflight, print_report
 from peftkit.recipe.schema import SECTIONS
 
 HELP = "print a resolved recipe and its parameter counts"
@@ -45,7 +44,8 @@ def cmd_show(args) -> int:
                 "  [yellow](override)[/]" if changed else ""), f"[dim]{f.metadata['doc']}[/]")
         console.print(table)
     console.print("validation: [green]ok[/]")
-    # both import torch (seconds): kept out of CLI start-up, and after bad input is reported
+    # these import torch (seconds): kept out of CLI start-up, and after bad input is reported
+    from peftkit.data.preflight import preflight, print_report
     from peftkit.model.memory import print_estimate
     from peftkit.model.summary import parameter_counts
 

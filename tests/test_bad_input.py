@@ -325,7 +325,8 @@ CASES = [
         lambda c, t: (c / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 64))),
      [*TRAIN, "--resume"], ["cannot restore the checkpoint", "SafetensorError"]),
     ("optimizer a malicious pickle", with_run(resealed(evil_optimizer)), [*TRAIN, "--resume"],
-     ["cannot restore the checkpoint", "UnpicklingError"]),
+     ["step-3/optimizer.pt: holds a pickled object that refers to posix.system",
+      "never unpickles", "--resume runs/demo/checkpoints/step-2"]),
     ("another run's checkpoint into this run", with_run(lambda c, t: shutil.copytree(
         c, t / "elsewhere" / "step-3")), [*TRAIN, "--resume", "elsewhere/step-3"],
      ["belongs to another run directory", "runs/demo already holds a run", "name=NEW"]),
@@ -385,6 +386,44 @@ def test_bad_input(request, tmp_path, monkeypatch, capsys, setup, argv, fragment
         assert fragment in lines[0], (fragment, lines[0])
     assert snapshot(tmp_path) == before  # nothing written, changed or removed
     assert not (tmp_path / "pwned").exists()  # the malicious pickle never ran
+
+
+@pytest.mark.parametrize("write", ["torch.save", "pickle.dumps"])
+def test_a_planted_pickle_is_refused_and_never_runs(request, tmp_path, monkeypatch, capsys,
+                                                    write):
+    """scheduler.pt replaced by a pickle that runs a command, the manifest forged to match:
+    one line naming the file and what it refers to, with advice that keeps the check on. A
+    raw pickle (protocol 4+) makes torch warn about the protocol; that stays off stderr."""
+    import pickle
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text(ROWS)
+    ckpt = tmp_path / "runs" / "demo" / "checkpoints" / "step-3"
+
+    def plant(ckpt, tmp):
+        evil = {"last_epoch": Evil(tmp / "pwned")}
+        if write == "torch.save":
+            torch.save(evil, ckpt / "scheduler.pt")
+        else:
+            (ckpt / "scheduler.pt").write_bytes(pickle.dumps(evil, protocol=4))
+
+    with_run(resealed(plant))(tmp_path, lambda: request.getfixturevalue("finished_run"))
+    checkpoint.verify(ckpt)  # the forged manifest passes: only the loading can catch it
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main([*TRAIN, "--resume"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
+    assert rc == 2 and lines == [
+        "error: runs/demo/checkpoints/step-3/scheduler.pt: holds a pickled object that refers "
+        "to posix.system, not the tensors and plain containers peftkit writes; peftkit never "
+        "unpickles arbitrary objects (that can run any code), so step-3 cannot be restored: "
+        "resume from an earlier checkpoint with --resume runs/demo/checkpoints/step-2, or "
+        "retrain"], err
+    assert not [w for w in caught if "pickle" in str(w.message)], [str(w.message) for w in caught]
+    assert "weights_only" not in err and not (tmp_path / "pwned").exists()
 
 
 def test_disk_full_while_saving_is_one_line_exit_1(tmp_path, monkeypatch, capsys):

@@ -19,8 +19,11 @@ import hashlib
 import json
 import os
 import pickle
+import pickletools
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -290,11 +293,69 @@ def load(path: Path, optimizer, scheduler, accelerator) -> tuple[int, Position]:
     scaler = getattr(accelerator, "scaler", None)
     try:
         with torch.serialization.safe_globals(checkpoint_classes(accelerator)):
-            load_optimizer_state(accelerator, optimizer, torch.load(optim_file, weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+            load_optimizer_state(accelerator, optimizer, _load_plain(optim_file, path))
+        scheduler.load_state_dict(_load_plain(path / "scheduler.pt", path))
         if scaler is not None and (path / "scaler.pt").is_file():
-            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-        set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=True))
+            scaler.load_state_dict(_load_plain(path / "scaler.pt", path))
+        set_rng_state(_load_plain(path / f"rng-rank{rank}.pt", path))
     except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as exc:
         raise _unreadable(path, exc) from exc
     return state["step"], Position(state["epoch"], state["index"])
+
+
+def _load_plain(file: Path, path: Path):
+    """`torch.load(weights_only=True)` of one file of checkpoint `path`: tensors and plain
+    containers only. A file holding any other pickled object is refused with a UserError that
+    names it; torch's own text would advise turning the check off."""
+    try:
+        with warnings.catch_warnings():
+            # torch warns about a pickle protocol other than its own before it refuses the
+            # file; the refusal below says all there is to say, on one line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                    category=UserWarning)
+            return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise
+        names = _pickled_globals(file, exc)
+        what = f"a pickled object that refers to {', '.join(names)}" if names else \
+            "a pickled object"
+        raise UserError(f"{file}: holds {what}, not the tensors and plain containers peftkit "
+                        "writes; peftkit never unpickles arbitrary objects (that can run any "
+                        f"code), so {path.name} cannot be restored: {_instead(path)}") from None
+
+
+def _pickled_globals(file: Path, exc: Exception) -> list[str]:
+    """The Python names (module.name) a refused pickle refers to, found without unpickling
+    it: from torch's refusal, else by reading the opcodes of the file's first pickle (a raw
+    pickle; torch's zip format has its pickle inside and torch's message names it)."""
+    named = re.findall(r"GLOBAL ([\w.]*\w)", str(exc))
+    if named:
+        return named[:1]
+    names, pushed, memo = [], [], {}  # pushed: what each op put on the stack (str or None)
+    try:
+        with file.open("rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(pushed) >= 2 \
+                        and all(isinstance(s, str) for s in pushed[-2:]):
+                    names.append(".".join(pushed[-2:]))
+                if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if arg is None else arg] = pushed[-1] if pushed else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif op.stack_after:
+                    pushed.append(arg if isinstance(arg, str) and "GLOBAL" not in op.name
+                                  else None)
+    except (ValueError, OSError):
+        pass
+    return list(dict.fromkeys(names))[:3]
+
+
+def _instead(path: Path) -> str:
+    """What to do instead of resuming from checkpoint `path`."""
+    earlier = [p for p in step_dirs(path.parent) if step_of(p) < step_of(path)]
+    if earlier:
+        return f"resume from an earlier checkpoint with --resume {earlier[-1]}, or retrain"
+    return "there is no earlier checkpoint; retrain (--overwrite instead of --resume)"

@@ -119,7 +119,8 @@ def main() -> int:
         peaks.append(matmul_peak(torch.device("cpu"))["best_flops"])
         peak = max(peaks)  # the MFU denominator: best of before and after, as bench.py
         for name, side in sides.items():
-            problems = bench.equal_work(work, {"peftkit": side}, entry.steps, mixed=False)
+            problems = bench.equal_work(work, {"peftkit": side}, entry.steps,
+                                        mixed=False).problems
             rows.append({"variant": name, **bench.summarise(side, recipe, per_token, peak),
                          "problems": problems})
     path = HERE / "results" / f"ablation-{entry.slug}.json"

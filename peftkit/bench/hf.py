@@ -14,24 +14,18 @@ wrapper around the collator (which samples, how many real and padded tokens).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
-from array import array
 
 import torch
 
 from peftkit.data import dataset
 from peftkit.model import memory
+from peftkit.bench.same_work import fingerprint, identical_batch
 from peftkit.recipe.schema import Recipe
 from peftkit.adapters.lora import lora_config
 from peftkit.model.loading import base_path, count_parameters, load_tokenizer, resolve_precision
-
-
-def fingerprint(input_ids: list[int]) -> str:
-    """A short, process-independent digest of a sample's tokens."""
-    return hashlib.blake2b(array("q", input_ids).tobytes(), digest_size=8).hexdigest()
 
 
 class RecordingCollator:
@@ -142,12 +136,11 @@ def run(recipe: Recipe, grouped: bool = False) -> dict:
         trainer.train()
     measured = peak.measured()
 
-    # The objective on an identical batch (the first samples, in data order), adapter off: the
-    # loss of the base model as this side computes it, to compare with peftkit's.
-    model.eval()
-    with torch.no_grad(), model.disable_adapter():
-        batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(features[:t.batch_size])
-        reference = model(**{k: v.to(model.device) for k, v in batch.items()}).loss.item()
+    # The objective on an identical batch (the first samples, in data order) as this side
+    # computes it: its collator, transformers' own loss.
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(features[:t.batch_size])
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    probe = identical_batch(model, lambda: model(**batch).loss)
     per_step = t.grad_accum
     return {
         "step_seconds": timer.seconds,
@@ -156,7 +149,7 @@ def run(recipe: Recipe, grouped: bool = False) -> dict:
                         for i in range(0, len(collator.real), per_step)],
         "computed_tokens": sum(collator.computed),
         "samples": sorted(s for batch in collator.samples for s in batch),
-        "reference_loss": reference,
+        **probe,
         "parameters": count_parameters(model),
         "memory": measured,
         "packed": False,

@@ -21,6 +21,7 @@ ROWS = (  # (label, key, format)
     ("mean loss", "mean_loss", "{:.4f}"),
     ("final loss", "final_loss", "{:.4f}"),
     ("loss, identical batch", "reference_loss", "{:.5f}"),
+    ("loss, identical batch, adapter on", "adapter_loss", "{:.5f}"),
 )
 
 
@@ -68,9 +69,17 @@ def footer(result: dict) -> list[str]:
     if eq["problems"]:
         lines += [f"NOT the same work: {p}" for p in eq["problems"]]
     elif len(result["sides"]) > 1:
-        lines.append(f"same work: same {result['samples']} samples and tokens, loss on an "
-                     f"identical batch within {eq['reference_rtol']['fp32']:g}, mean loss "
-                     f"within {eq['mean_loss_rtol']:.0%}")
+        lines.append(f"same work: the same {result['samples']} samples and {result['tokens']:,} "
+                     "tokens on every side; on an identical batch the same loss (adapter off "
+                     f"and on, within {eq['rtol']:g}) and adapter gradients (within "
+                     f"{eq['gradient_rtol']:g})")
+    if eq.get("info"):
+        ours = result["sides"]["peftkit"]
+        for key, label in (("mean_loss", "mean"), ("final_loss", "final")):
+            others = ", ".join(f"{name} {i[key]:.4f} ({i[key + '_vs_peftkit']:+.1%})"
+                               for name, i in eq["info"].items())
+            lines.append(f"training order (not compared, the sides shuffle differently): "
+                         f"{label} loss peftkit {ours[key]:.4f}, {others}")
     return lines
 
 

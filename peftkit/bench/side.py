@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from peftkit.bench.same_work import fingerprint, identical_batch
 from peftkit.recipe.schema import Recipe, recipe_from_dict
 from peftkit.run.quiet import quiet_libraries
 
@@ -28,7 +29,6 @@ def _peftkit(recipe: Recipe, source: str) -> dict:
     from peftkit.data import packing
     from peftkit.run import rundir
     from peftkit.data.batching import collate
-    from peftkit.bench.hf import fingerprint
     from peftkit.training.loss import TokenLoss
     from peftkit.model.loading import base_path, load_tokenizer
     from peftkit.training.loop import train
@@ -50,12 +50,16 @@ def _peftkit(recipe: Recipe, source: str) -> dict:
     one_pass = (len(examples) == windows * recipe.train.batch_size
                 and (state["epoch"], state["index"]) == (0, windows))
     used = examples if one_pass else []
-    # The objective on an identical batch (the first samples, data order), adapter off.
-    model.eval()
+    # The objective on an identical batch (the first samples, data order), through peftkit's
+    # own collation and loss.
     first = examples[:recipe.train.batch_size]
-    batch = (packing.collate_packed if packed else collate)(first, tokenizer.pad_token_id)
-    with torch.no_grad(), model.disable_adapter():
-        loss_sum, count = TokenLoss(model)(**packing.to_device(batch, model.device))
+    batch = packing.to_device((packing.collate_packed if packed else collate)(
+        first, tokenizer.pad_token_id), model.device)
+
+    def loss():
+        loss_sum, count = TokenLoss(model)(**batch)
+        return loss_sum / count
+
     return {
         "step_seconds": result.step_seconds,
         "step_loss": [m["loss"] for m in steps],
@@ -63,7 +67,7 @@ def _peftkit(recipe: Recipe, source: str) -> dict:
         "computed_tokens": _computed_tokens(examples, recipe, packed, len(steps)),
         "samples": sorted(fingerprint(e.input_ids) for e in used),
         "stream_position": [state["epoch"], state["index"]],
-        "reference_loss": (loss_sum / count).item(),
+        **identical_batch(model, loss),
         "parameters": [result.trainable, result.total],
         "memory": result.memory.get("measured", {}),
         "packed": packed,

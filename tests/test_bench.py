@@ -113,7 +113,7 @@ def test_order_only_differences_pass_and_are_reported(compared):
     """At a high learning rate the sides' batch orders move the mean loss by more than 2%
     (the check before `equal_work` separated the two refused this); the comparison stands
     and the differences are reported."""
-    from peftkit import bench_report
+    from peftkit.bench import report as bench_report
 
     code, result, sides, _, _ = compared
     eq = result["equal_work"]
@@ -140,8 +140,8 @@ def test_order_only_differences_pass_and_are_reported(compared):
 def test_order_is_the_only_difference(compared, tmp_path, monkeypatch):
     """peftkit made to train the samples in hf-grouped's order (the file's) reproduces that
     side's losses step by step: what the mean-loss difference reflects is the order."""
-    from peftkit import batching
-    from peftkit.bench_run import run_side
+    from peftkit.data import batching
+    from peftkit.bench.side import run_side
 
     _, _, sides, _, recipe = compared
     monkeypatch.setattr(batching, "epoch_order", lambda n, seed, epoch: list(range(n)))
@@ -157,8 +157,8 @@ def test_order_is_the_only_difference(compared, tmp_path, monkeypatch):
 def test_a_different_computation_is_refused(compared, monkeypatch):
     """The Trainer side run with twice the LoRA scaling: the same samples and tokens and the
     same base model, but not the same computation."""
-    from peftkit import bench_hf
-    from peftkit.bench_run import run_side
+    from peftkit.bench import hf as bench_hf
+    from peftkit.bench.side import run_side
 
     _, result, sides, _, recipe = compared
     lora_config = bench_hf.lora_config

@@ -36,7 +36,7 @@ from peftkit.model.loading import (attach_adapter, base_path, count_parameters, 
                               load_tokenizer, prepare_for_training, resolve_precision)
 from peftkit.run import hub
 from peftkit.model import memory
-from peftkit.export import merge
+from peftkit.training import probe
 from peftkit.model import quantize
 from peftkit.run import tracking
 from peftkit.training.progress import TrainProgress
@@ -281,8 +281,8 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     log.write(step=steps, event="eval", **_scalars(result.evals["after"]))
     # The trained model's loss on the fixed held-out batch that `peftkit merge` checks merged
     # models against (merge.py): a merge is compared with this model, not only with the files.
-    result.probe = merge.record_probe(acc, loss_module, eval_ex, tokenizer.pad_token_id,
-                                      precision, recipe.model.quantize)
+    result.probe = probe.record_probe(acc, loss_module, eval_ex, tokenizer.pad_token_id,
+                                       precision, recipe.model.quantize)
     result.memory = memory.report(memory.estimate(recipe, model.config, precision), peak)
     state_dict = full_state_dict(acc, loss_module, peft_model)
     if main:

@@ -138,10 +138,10 @@ def test_saved_qlora_adapter_loads_in_plain_peft_with_same_logits(qlora_run):
 
 
 def test_missing_bitsandbytes_is_a_user_error_before_loading(tmp_path, monkeypatch, capsys):
-    import peftkit.training.loop
+    import peftkit.training.setup
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails
-    monkeypatch.setattr(peftkit.training.loop, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(peftkit.training.setup, "load_model", lambda *a, **k: pytest.fail("loaded"))
     rc = main(["train", QLORA, "model.tiny=true", "data.train=peftkit:data/sort_reverse/train.jsonl",
                f"train.output_dir={tmp_path}"])
     err = capsys.readouterr().err

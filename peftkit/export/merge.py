@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import resource
 import shutil
@@ -33,11 +32,9 @@ from peftkit.run import rundir
 from peftkit.data.batching import IGNORE, collate
 from peftkit.data.example import Example
 from peftkit.errors import RunError, UserError
+from peftkit.training.probe import (PROBE_EXAMPLES, PROBE_TOKENS, dtype_name as _name,
+                                    fingerprint, probe_examples)
 
-# The probe batch: the first PROBE_EXAMPLES held-out examples with a labelled token in their
-# first PROBE_TOKENS tokens, cut there. Small on purpose: two [tokens x vocab] float32 logit
-# tensors are kept (~260 MB each for a 128k vocabulary).
-PROBE_EXAMPLES, PROBE_TOKENS = 4, 128
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Merged vs adapter on the same weights differ only by the rounding of W + scale * B @ A.
@@ -59,39 +56,7 @@ class MergeFailed(RunError):
     """The merged model failed a check; it was saved anyway, marked by MERGE_FAILED.txt."""
 
 
-# --- the probe batch, shared with training (which records the trained model's loss on it) ---
-
-def probe_examples(examples: list[Example]) -> list[Example]:
-    picked = []
-    for e in examples:
-        ids, labels = e.input_ids[:PROBE_TOKENS], e.labels[:PROBE_TOKENS]
-        if any(label != IGNORE for label in labels[1:]):
-            picked.append(Example(ids, labels))
-        if len(picked) == PROBE_EXAMPLES:
-            break
-    return picked
-
-
-def fingerprint(examples: list[Example]) -> str:
-    text = json.dumps([[e.input_ids, e.labels] for e in examples])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def record_probe(accelerator, loss_module, eval_examples, pad_id: int, precision,
-                 quantize: str | None) -> dict:
-    """The trained model's loss on the probe batch (result.json "probe"), so that a merge is
-    checked against the model training produced and not only against the files on disk."""
-    from peftkit.training.evaluation import eval_loss
-
-    probe = probe_examples(eval_examples)
-    if len(probe) < accelerator.num_processes:  # every process must run the same forwards
-        return {}
-    loss = eval_loss(accelerator, loss_module, probe, len(probe), pad_id)
-    compute = precision.compute_dtype
-    return {"loss": loss, "examples": len(probe), "fingerprint": fingerprint(probe),
-            "dtype": _name(precision.dtype), "compute_dtype": compute and _name(compute),
-            "mixed_precision": str(accelerator.mixed_precision), "quantize": quantize}
-
+# --- the probe batch (peftkit/training/probe.py), from the run's held-out data ------------
 
 def _probe_batch(recipe, tokenizer, vocab_size: int) -> tuple[dict, list[Example], str]:
     """(batch, its examples, where it came from): the run's held-out data, or seeded random
@@ -325,10 +290,6 @@ def _as_trained(run: Path, probe: list[Example], loss: float, dtype: torch.dtype
 
 def _precision_class(dtype: str, compute: str = "float32", mixed: str = "no") -> str:
     return "fp32" if dtype == compute == "float32" and mixed in ("no", "None") else "16-bit"
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _scalars(check: dict) -> dict:

@@ -18,6 +18,7 @@ import torch
 from peftkit.bench.same_work import fingerprint, identical_batch
 from peftkit.recipe.schema import Recipe, recipe_from_dict
 from peftkit.run.quiet import quiet_libraries
+from peftkit.run.rundir import RunDir
 
 SIDES = ("peftkit", "hf", "hf-grouped")
 
@@ -36,7 +37,7 @@ def _peftkit(recipe: Recipe, source: str) -> dict:
     result = train(recipe, source, overwrite=True, console=Console(stderr=True))
     steps = [m for m in rundir.read_metrics(result.path)
              if "event" not in m and "loss" in m and "tokens" in m]
-    state = json.loads((result.path / "checkpoints" / f"step-{result.steps}" /
+    state = json.loads((RunDir(result.path).checkpoint(result.steps) /
                         "state.json").read_text())
     model = result.model
     base = model.get_base_model()

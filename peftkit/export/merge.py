@@ -31,6 +31,7 @@ from peftkit.adapters.registry import adapter_method
 from peftkit.run import rundir
 from peftkit.data.batching import IGNORE, collate
 from peftkit.data.example import Example
+from peftkit.run.rundir import RunDir, MergeDir
 from peftkit.errors import RunError, UserError
 from peftkit.training.probe import (PROBE_EXAMPLES, PROBE_TOKENS, dtype_name as _name,
                                     fingerprint, probe_examples)
@@ -90,7 +91,7 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", overwrite: 
 
     run, out = Path(run), Path(out)
     recipe, doc = read_recipe(run)
-    if not (run / "adapter" / "adapter_config.json").is_file():
+    if not RunDir(run).adapter_config.is_file():
         raise UserError(f"{run}: the run has no adapter/ (did training finish?)")
     refusal = adapter_method(recipe.adapter).merge_refusal
     if refusal:
@@ -178,7 +179,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise UserError(f"--out {out}: not empty; choose another directory or pass "
                         "--overwrite to replace a previous merge")
-    if not (out / "merge_report.json").is_file():
+    if not MergeDir(out).report_file.is_file():
         raise UserError(f"--overwrite: {out} is not the output of `peftkit merge` (no "
                         "merge_report.json); refusing to delete it")
 
@@ -203,7 +204,7 @@ def _device_for(model) -> torch.device:
 def _with_adapter(base, run: Path):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, run / "adapter").eval()
+    return PeftModel.from_pretrained(base, RunDir(run).adapter).eval()
 
 
 @torch.no_grad()
@@ -267,7 +268,7 @@ def _as_trained(run: Path, probe: list[Example], loss: float, dtype: torch.dtype
     """The probe loss of the model as trained (`dtype`: of the merged model, when that is the
     one measured) against the loss training recorded (result.json)."""
     try:
-        recorded = json.loads((run / "result.json").read_text()).get("probe") or {}
+        recorded = json.loads(RunDir(run).result_file.read_text()).get("probe") or {}
     except (OSError, json.JSONDecodeError):
         recorded = {}
     if "loss" not in recorded:
@@ -305,9 +306,9 @@ def _save(merged, tokenizer, config, out: Path, report: dict) -> None:
         merged.config.use_cache = getattr(config, "use_cache", True)
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        rundir.write_json(tmp / "merge_report.json", report)
+        rundir.write_json(MergeDir(tmp).report_file, report)
         if not report["ok"]:
-            (tmp / "MERGE_FAILED.txt").write_text(
+            MergeDir(tmp).failed_marker.write_text(
                 "This merged model FAILED peftkit's verification; do not use it.\n"
                 + "".join(f"{c['name']}: {c['summary']}\n" for c in report["checks"]
                           if not c["ok"]) + "Details: merge_report.json\n")

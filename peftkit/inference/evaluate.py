@@ -20,6 +20,7 @@ from pathlib import Path
 
 from peftkit.recipe.overrides import suggest
 from peftkit.errors import UserError
+from peftkit.run.rundir import RunDir
 
 FROM_LOSS = ("loss", "perplexity")
 DEFAULT_METRICS = "loss,perplexity,exact_match"
@@ -133,7 +134,7 @@ def record(path: Path, recipe, kind: str, entry: dict) -> None:
     from peftkit.run import card
     from peftkit.run import rundir
 
-    file = path / "eval.json"
+    file = RunDir(path).eval_file
     try:
         evals = json.loads(file.read_text()) if file.is_file() else {}
     except json.JSONDecodeError:
@@ -143,7 +144,7 @@ def record(path: Path, recipe, kind: str, entry: dict) -> None:
     rundir.MetricsLog(path, enabled=True).write(
         event="eval_cli", model=kind, data=entry["data"], samples=entry["samples"],
         results=entry["metrics"])
-    result_file = path / "result.json"
+    result_file = RunDir(path).result_file
     if result_file.is_file():  # the card needs training's numbers (absent if it was cut off)
         from types import SimpleNamespace
 
@@ -151,5 +152,5 @@ def record(path: Path, recipe, kind: str, entry: dict) -> None:
                   "tokens_per_s": 0.0, "evals": {}}
         saved = json.loads(result_file.read_text())
         result = SimpleNamespace(**{k: saved.get(k, v) for k, v in fields.items()})
-        (path / "README.md").write_text(
+        RunDir(path).card.write_text(
             card.model_card(recipe, result, rundir.read_metrics(path), evals=evals))

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 from peftkit.run import rundir
 from peftkit.errors import RunError, UserError
+from peftkit.run.rundir import RunDir, MergeDir
 
 # Run files published next to the adapter: the loss curve the card shows, the figures.
 RUN_FILES = ("loss.png", "result.json", "eval.json")
@@ -44,16 +45,16 @@ def stage(run: Path, folder: Path, recipe, repo_id: str, merged: Path | None = N
     folder.mkdir(parents=True, exist_ok=True)
     report = None
     if merged is not None:
-        if (merged / "MERGE_FAILED.txt").is_file():
+        if MergeDir(merged).failed_marker.is_file():
             raise UserError(f"--merged {merged}: this merge failed verification "
                             "(MERGE_FAILED.txt); publish the adapter, or merge again")
-        if not (merged / "merge_report.json").is_file():
+        if not MergeDir(merged).report_file.is_file():
             raise UserError(f"--merged {merged}: not written by `peftkit merge` (no "
                             "merge_report.json)")
-        report = json.loads((merged / "merge_report.json").read_text())
+        report = json.loads(MergeDir(merged).report_file.read_text())
         sources = [merged]
     else:
-        sources = [run / "adapter", run / "tokenizer"]
+        sources = [RunDir(run).adapter, RunDir(run).tokenizer]
     for source in sources:
         for file in sorted(source.glob("*")) if source.is_dir() else []:
             if file.is_file() and file.name != "README.md":  # peft's placeholder card
@@ -62,7 +63,7 @@ def stage(run: Path, folder: Path, recipe, repo_id: str, merged: Path | None = N
         if (run / name).is_file():
             _place(run / name, folder / name, link)
     (folder / "README.md").write_text(card.model_card(
-        recipe, _result(run), rundir.read_metrics(run), evals=_json(run / "eval.json"),
+        recipe, _result(run), rundir.read_metrics(run), evals=_json(RunDir(run).eval_file),
         repo_id=repo_id, merge=report))
     return sorted(p.name for p in folder.iterdir())
 
@@ -79,7 +80,7 @@ def push(run: str | Path, repo_id: str = "", private: bool | None = None,
 
     run = Path(run)
     recipe, _ = read_recipe(run)
-    if not (run / "adapter" / "adapter_config.json").is_file():
+    if not RunDir(run).adapter_config.is_file():
         raise UserError(f"{run}: the run has no adapter/ (did training finish?)")
     h = recipe.hub
     repo_id = repo_id or h.repo_id
@@ -97,7 +98,7 @@ def push(run: str | Path, repo_id: str = "", private: bool | None = None,
     where = f"{repo_id}{' (private)' if private else ''}" + (f", branch {revision}"
                                                              if revision else "")
     if dry_run:
-        folder = run / "push"
+        folder = RunDir(run).push_folder
         shutil.rmtree(folder, ignore_errors=True)
         files = stage(run, folder, recipe, repo_id, merged)
         say(f"dry run: would upload {len(files)} files to {where}, from {folder}:")
@@ -159,7 +160,7 @@ def _json(file: Path) -> dict:
 
 def _result(run: Path) -> SimpleNamespace:
     """result.json as the card reads it (training's final numbers)."""
-    saved = _json(run / "result.json")
+    saved = _json(RunDir(run).result_file)
     if not saved:
         raise UserError(f"{run}: no result.json (did training finish?); the model card "
                         "needs training's numbers")

@@ -6,6 +6,7 @@ import json
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -13,6 +14,81 @@ from peftkit.recipe.schema import Recipe
 from peftkit.errors import UserError
 
 LIBRARIES = ("peftkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The layout of a run directory (docs: README, "Run directory"): every path in one is
+    named here, so writers and readers cannot disagree. Inside a checkpoint, the files are
+    training/checkpoint.py's to name."""
+
+    path: Path
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / "recipe.json"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def adapter_config(self) -> Path:
+        return self.adapter / "adapter_config.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def card(self) -> Path:
+        return self.path / "README.md"
+
+    @property
+    def result_file(self) -> Path:
+        return self.path / "result.json"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def push_folder(self) -> Path:
+        return self.path / "push"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tb"
+
+
+@dataclass(frozen=True)
+class MergeDir:
+    """The layout of a `peftkit merge` output beside the model files it holds."""
+
+    path: Path
+
+    @property
+    def report_file(self) -> Path:
+        return self.path / "merge_report.json"
+
+    @property
+    def failed_marker(self) -> Path:
+        return self.path / "MERGE_FAILED.txt"
 
 
 def versions() -> dict[str, str]:
@@ -40,7 +116,7 @@ def check_target(path: Path, overwrite: bool) -> None:
     if not overwrite:
         raise UserError(f"{path} already holds a run; pass --resume to continue it, "
                         "--overwrite to replace it, or name=NEW for a new run directory")
-    if not (path / "recipe.json").is_file() and not (path / "checkpoints").is_dir():
+    if not RunDir(path).recipe_file.is_file() and not RunDir(path).checkpoints.is_dir():
         raise UserError(f"--overwrite: {path} is not empty and is not a peftkit run; "
                         "refusing to delete it")
 
@@ -58,20 +134,20 @@ def write_recipe(path: Path, recipe: Recipe, source: str, base: str) -> None:
     doc = {"name": recipe.name, "source": source, "base_path": base,
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
            "recipe": recipe.to_dict()}
-    write_json(path / "recipe.json", doc)
+    write_json(RunDir(path).recipe_file, doc)
 
 
 def record_resume(path: Path, recipe: Recipe, step: int) -> None:
     """On --resume, recipe.json takes the recipe the run now continues with (only settings in
     config.RESUME_SAFE can differ) and lists when and from which step it resumed."""
     try:
-        doc = json.loads((path / "recipe.json").read_text())
+        doc = json.loads(RunDir(path).recipe_file.read_text())
     except (OSError, ValueError):
         doc = {"name": recipe.name}
     doc["recipe"] = recipe.to_dict()
     doc.setdefault("resumed", []).append(
         {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": step, "versions": versions()})
-    write_json(path / "recipe.json", doc)
+    write_json(RunDir(path).recipe_file, doc)
 
 
 def write_json(path: Path, obj) -> None:
@@ -82,7 +158,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    file = path / "metrics.jsonl"
+    file = RunDir(path).metrics_file
     if not file.is_file():
         return []
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
@@ -92,7 +168,7 @@ class MetricsLog:
     """Appends one JSON object per logged step/eval to metrics.jsonl (main process only)."""
 
     def __init__(self, path: Path, enabled: bool):
-        self.file = path / "metrics.jsonl"
+        self.file = RunDir(path).metrics_file
         self.enabled = enabled
 
     def write(self, **record) -> None:

@@ -9,13 +9,14 @@ from pathlib import Path
 from peftkit.recipe.schema import Recipe, recipe_from_dict
 from peftkit.errors import UserError
 from peftkit.model.sharded import quiet_progress
+from peftkit.run.rundir import RunDir
 
 HOW = "point at a run directory written by `peftkit train` (it holds recipe.json and adapter/)"
 
 
 def read_recipe(path: Path) -> tuple[Recipe, dict]:
     """(recipe, the whole recipe.json) of a run directory; UserError if missing or corrupt."""
-    file = Path(path) / "recipe.json"
+    file = RunDir(Path(path)).recipe_file
     if not Path(path).is_dir():
         raise UserError(f"{path}: no such run directory; {HOW}")
     if not file.is_file():
@@ -44,7 +45,7 @@ def load_tokenizer(path: Path, recipe: Recipe, base: str):
     training prepared it (pad token, chat template)."""
     from peftkit.model import loading as modeling
 
-    saved = Path(path) / "tokenizer"
+    saved = RunDir(Path(path)).tokenizer
     if saved.is_dir():
         from transformers import AutoTokenizer
 
@@ -65,8 +66,8 @@ def load_run(path: str | Path):
 
     path = Path(path)
     recipe, doc = read_recipe(path)
-    adapter = path / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+    adapter = RunDir(path).adapter
+    if not RunDir(path).adapter_config.is_file():
         raise UserError(f"{path}: the run has no adapter/ (did training finish?); {HOW}, or "
                         "resume it with `peftkit train NAME --resume`")
     base = base_of(recipe, doc)

@@ -14,6 +14,7 @@ import os
 from peftkit.run import rundir
 from peftkit.recipe.schema import Recipe
 from peftkit.errors import UserError
+from peftkit.run.rundir import RunDir
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -39,7 +40,7 @@ def accelerator_args(recipe: Recipe) -> dict:
     path = rundir.run_dir(recipe)
     return {"log_with": name,
             "project_config": ProjectConfiguration(project_dir=str(path),
-                                                   logging_dir=str(path / "tb"))}
+                                                   logging_dir=str(RunDir(path).tensorboard))}
 
 
 def _flat(prefix: str, obj: dict) -> dict:

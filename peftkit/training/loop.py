@@ -22,6 +22,7 @@ import torch
 from peftkit.adapters.registry import adapter_method
 from peftkit.data import packing
 from peftkit.data.batching import collate, loss_tokens, useful_tokens
+from peftkit.run.rundir import RunDir
 from peftkit.errors import RunError
 from peftkit.model import memory
 from peftkit.recipe.schema import Recipe
@@ -102,7 +103,7 @@ def _open_run_dir(state: TrainingState, source: str, overwrite: bool,
     acc.wait_for_everyone()
     if main:
         rundir.prepare(run.path, overwrite=overwrite, resume=not run.fresh)
-        checkpoint.clean_stale(run.path / "checkpoints")  # left by a crash during a save
+        checkpoint.clean_stale(RunDir(run.path).checkpoints)  # left by a crash during a save
     log = tracking.start(acc, recipe, rundir.MetricsLog(run.path, enabled=main))
     if not run.fresh:
         log.truncate_after(start)
@@ -156,14 +157,14 @@ def _run_steps(state: TrainingState, show: TrainProgress, log: tracking.TrackedL
         signum = stop.requested(acc)  # every process stops after the same step
         if (t.save_every and step % t.save_every == 0) or step == steps or signum:
             _check_finite(acc, opt.params, step, path)  # never checkpoint a broken adapter
-            checkpoint.save(path / "checkpoints", step, data.stream.position,
+            checkpoint.save(RunDir(path).checkpoints, step, data.stream.position,
                             state.model.peft_model, opt.optimizer.optimizer, opt.scheduler, acc,
                             t.keep_checkpoints,
                             full_state_dict(acc, opt.loss_module, state.model.peft_model),
                             extra=meta)
         if signum:
             show.close()
-            raise signals.Interrupted(signum, step, path / "checkpoints" / f"step-{step}")
+            raise signals.Interrupted(signum, step, RunDir(path).checkpoint(step))
     show.close()
 
 
@@ -252,7 +253,7 @@ def _check_finite(acc, params, step: int, path: Path) -> None:
 
 
 def _diverged_message(step: int, path: Path, what: str = "loss or gradients") -> str:
-    found = checkpoint.step_dirs(path / "checkpoints")
+    found = checkpoint.step_dirs(RunDir(path).checkpoints)
     last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
     return (f"{what} became non-finite at step {step}; {last}. Lower train.lr or "
             "check the data; no final adapter was written")
@@ -260,14 +261,14 @@ def _diverged_message(step: int, path: Path, what: str = "loss or gradients") ->
 
 def _save_outputs(path: Path, recipe: Recipe, peft_model, tokenizer, tokenizer_changed: bool,
                   result: RunResult, state_dict: dict | None, initial: dict | None) -> None:
-    adapter_method(recipe.adapter).save_adapter(peft_model, path / "adapter", state_dict,
+    adapter_method(recipe.adapter).save_adapter(peft_model, RunDir(path).adapter, state_dict,
                                                 initial)
     if tokenizer_changed:
-        tokenizer.save_pretrained(path / "tokenizer")
+        tokenizer.save_pretrained(RunDir(path).tokenizer)
     metrics = rundir.read_metrics(path)
-    plot.loss_curve(metrics, path / "loss.png", title=recipe.name)
-    (path / "README.md").write_text(card.model_card(recipe, result, metrics))
-    rundir.write_json(path / "result.json", {
+    plot.loss_curve(metrics, RunDir(path).loss_plot, title=recipe.name)
+    RunDir(path).card.write_text(card.model_card(recipe, result, metrics))
+    rundir.write_json(RunDir(path).result_file, {
         "steps": result.steps, "trainable": result.trainable, "total": result.total,
         "train_loss": result.train_loss, "tokens_per_s": result.tokens_per_s,
         "data": result.data, "evals": {k: _scalars(v) for k, v in result.evals.items()},

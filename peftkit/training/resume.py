@@ -18,6 +18,7 @@ from pathlib import Path
 from peftkit.training import checkpoint
 from peftkit.recipe.schema import RESUME_SAFE, SECTIONS, Recipe
 from peftkit.errors import UserError
+from peftkit.run.rundir import RunDir
 
 NEW_RUN = "or start a new run (name=NEW, or --overwrite to replace this one)"
 
@@ -33,12 +34,12 @@ def find(run_dir: Path, resume: bool | str, overwrite: bool = False) -> Path:
         if not path.is_dir():
             raise UserError(f"--resume {resume}: no such checkpoint directory; pass a "
                             f"checkpoints/step-N directory, or --resume alone for the newest")
-        if (path / checkpoint.MANIFEST).is_file() or not (path / "checkpoints").is_dir():
+        if (path / checkpoint.MANIFEST).is_file() or not RunDir(path).checkpoints.is_dir():
             return path  # verify() explains what is wrong with a directory that is neither
         run_dir = path
-    found = checkpoint.step_dirs(run_dir / "checkpoints")
+    found = checkpoint.step_dirs(RunDir(run_dir).checkpoints)
     if not found:
-        fix = "start it over with --overwrite" if (run_dir / "recipe.json").is_file() else \
+        fix = "start it over with --overwrite" if RunDir(run_dir).recipe_file.is_file() else \
             "train without --resume first"
         raise UserError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}; "
                         f"{fix}")
@@ -49,7 +50,7 @@ def continues(run_dir: Path, path: Path) -> bool:
     """Whether resuming from checkpoint `path` continues the run in `run_dir` (True) or
     starts a new run directory from another run's checkpoint (False; `run_dir` must then
     hold no run)."""
-    if path.parent.resolve() == (run_dir / "checkpoints").resolve():
+    if path.parent.resolve() == RunDir(run_dir).checkpoints.resolve():
         return True
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise UserError(f"--resume {path}: that checkpoint belongs to another run directory, "
@@ -96,9 +97,9 @@ def check_recipe(path: Path, state: dict, recipe: Recipe, world_size: int,
         else []
     if any(item.startswith(("train.max_steps", "train.epochs")) for item in allowed):
         notes.append("the learning-rate schedule follows the new number of steps from here on")
-    later = [p.name for p in checkpoint.step_dirs(run_dir / "checkpoints")
+    later = [p.name for p in checkpoint.step_dirs(RunDir(run_dir).checkpoints)
              if checkpoint.step_of(p) > state["step"]]
-    if later and path.parent.resolve() == (run_dir / "checkpoints").resolve():
+    if later and path.parent.resolve() == RunDir(run_dir).checkpoints.resolve():
         notes.append(f"{', '.join(later)} come after {path.name}: this run replaces them "
                      "with its own as it saves")
     return notes

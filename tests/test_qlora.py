@@ -113,6 +113,27 @@ def test_an_evaluation_does_not_change_the_training_gradients():
     assert any(g.abs().sum() > 0 for n, g in fresh.items() if ".layers.0.self_attn.q_proj" in n)
 
 
+def test_a_loaded_4bit_base_computes_in_eval_what_it_computes_in_training():
+    """`peftkit merge`, eval and generate run the reloaded 4-bit base in eval mode without
+    gradients. On CPUs with AVX512-BF16, bitsandbytes would switch each layer to its bf16
+    inference kernel there (activations and absmax rounded to bf16), and the reloaded model
+    would no longer compute the probe loss training recorded: on SmolLM2-135M that failed
+    the merge's "as trained" check (1.3% off, allowed 0.1%). load_model keeps the float32
+    path, so eval and training forwards agree to the last bit."""
+    model = tiny_model("nf4")
+    base = load_model(base_path(model), model, torch.float32, torch.float32, "cpu")
+    ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base.train()  # bitsandbytes never repacks in train mode: the training path
+        trained = base(input_ids=ids).logits
+        base.eval()
+        got = base(input_ids=ids).logits
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                              for m in layers)
+    assert torch.equal(trained, got), (trained - got).abs().max()
+
+
 def test_saved_qlora_adapter_loads_in_plain_peft_with_same_logits(qlora_run):
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM

@@ -118,6 +118,11 @@ def load_model(path: str, model: Model, dtype: torch.dtype,
             raise
         raise UserError(f"model.attn_implementation={attn}: not supported by this "
                         "architecture; use auto or eager") from exc
+    if model.quantize:
+        # Every 4-bit forward, trained or not, runs the kernels training ran: without this,
+        # bitsandbytes switches a CPU layer to its bf16 inference kernel the first time it runs
+        # without gradients, and a reloaded model no longer computes what training recorded.
+        quantize.keep_cpu_layout_trainable(base)
     # Training never uses a KV cache; with one, packed samples would attend to each other.
     base.config.use_cache = False
     return base

@@ -87,7 +87,7 @@ def prepare_for_kbit_training(base):
     from peft import prepare_model_for_kbit_training
 
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    keep_cpu_layout_trainable(base)
+    keep_cpu_layout_trainable(base)  # done by modeling.load_model too; here for other bases
     return base
 
 
@@ -99,6 +99,13 @@ def keep_cpu_layout_trainable(base) -> int:
     through the repacked weight is not implemented (no autograd kernel for `gemv_4bit`): every
     later training step silently gets no gradient below the first 4-bit layer it reaches, so
     only the top adapters learn. Turning the layer's own switch off keeps the trainable layout.
+
+    The repacked layer also computes differently: its kernel rounds the activations and the
+    absmax to bfloat16, whatever the compute dtype. `modeling.load_model` therefore switches
+    every quantized base it loads (training, `peftkit merge`, eval, generate), so that a model
+    reloaded from a run computes what training computed. Measured on SmolLM2-135M nf4 (CPU,
+    float32 compute): the probe loss of the reloaded adapter moved 1.3% with the bf16 kernel
+    (0.95129 vs 0.93893 recorded), 0 without it.
     Returns the number of layers switched.
     """
     switched = 0

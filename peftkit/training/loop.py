@@ -146,12 +146,9 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     if saved is not None:
         resuming.check_data(resume_from, saved, meta["data_fingerprint"])
 
-    if not main:  # one "Loading weights" bar per run, not one per process
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     peak = memory.PeakMemory(acc.device)  # from here on: the model and its training
-    model = load_model(base, recipe.model, precision.dtype, precision.compute_dtype, acc.device)
+    model = load_model(base, recipe.model, precision.dtype, precision.compute_dtype, acc.device,
+                       say=print if main else None)
     # Padding-free batches where the attention kernel can keep samples apart (packing.py).
     # (Prompt tuning prepends its virtual tokens to a whole row: its samples cannot share one.)
     method = adapter_method(recipe.adapter)

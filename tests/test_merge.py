@@ -162,6 +162,22 @@ def test_merge_refuses_a_non_empty_out_before_loading(lora_run, tmp_path, capsys
     assert (out / "notes.txt").read_text() == "mine"
 
 
+# --- what loading, building and merging print: peftkit's lines, not libraries' chatter -------
+
+def test_building_a_tiny_base_in_a_fresh_process_is_quiet(tmp_path):
+    """Saving the tiny form goes through accelerate, which imports DeepSpeed when installed."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+               PEFTKIT_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", "from peftkit.model.tiny import build_tiny; "
+                           "print(build_tiny('meta-llama/Llama-3.2-1B', 'llama', 'xs'))"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # DeepSpeed logs to stdout: only the path printed here may be there
+    assert done.stderr == "" and done.stdout.strip().startswith(str(tmp_path / "cache")), \
+        done.stdout
+
+
 def test_loading_a_base_prints_a_note_not_a_progress_bar(capsys):
     from peftkit.model.loading import base_path, load_model
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from peftkit.adapters.registry import adapter_method
 from peftkit.model import quantize
 from peftkit.recipe.schema import Launch, Lora, Model
 from peftkit.errors import UserError
-from peftkit.model.sharded import numel, quiet_progress
+from peftkit.model.sharded import name_cpu_for_deepspeed, numel, quiet_progress
 from peftkit.model.tiny import build_tiny, tokenizer_dir
 
 # Tokenizers that ship without a chat template (base models) get peftkit's own: a plain,
@@ -144,21 +143,6 @@ def _size_note(path: str) -> str:
     if not size:
         return ""
     return f" ({size / 1e9:.1f} GB)" if size >= 1e9 else f" ({size / 1e6:.0f} MB)"
-
-
-def name_cpu_for_deepspeed() -> None:
-    """Tell DeepSpeed up front that this machine has no accelerator, where that is so.
-
-    accelerate imports DeepSpeed wherever it is installed (transformers' save_pretrained
-    unwraps models through it, e.g. in `peftkit merge`), and DeepSpeed's import guesses the
-    accelerator, logging "[WARNING] ... Setting accelerator to CPU" when it finds none.
-    DS_ACCELERATOR is DeepSpeed's own setting for that choice; one already set is kept."""
-    if "DS_ACCELERATOR" in os.environ:
-        return
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
-    found = accelerator.is_available() if accelerator else torch.cuda.is_available()
-    if not found:
-        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def prepare_for_training(base, model: Model, gradient_checkpointing: bool):

@@ -88,7 +88,7 @@ class Lora:
                                 "rank_pattern (q_proj=16,v_proj=64)")
 
 
-DATA_FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "text")
+DATA_FORMATS = ("auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text")
 
 
 @dataclass(frozen=True)

@@ -270,15 +270,17 @@ def test_a_file_of_another_format_names_the_setting_to_change(tmp_path, bpe_toke
     path = write(tmp_path / "alpaca.jsonl", [ALPACA, ALPACA])
     with pytest.raises(UserError) as info:
         build(Data(train=path, format="chat", eval_size=0), bpe_tokenizer, seed=0)
-    assert str(info.value) == (f"{path}:1: data.format=chat, but the row looks like alpaca "
-                               "data ('instruction', 'output'); set data.format=alpaca, or auto "
-                               "to detect each source's format")
-    with pytest.raises(UserError, match=r"data\.format=text, but the row looks like chat data "
-                                        r"\('messages'\); set data\.format=chat"):
-        tokenize_record(CHAT, "text", bpe_tokenizer, Data(), "x")
-    # a row of no known format still says what is missing
-    with pytest.raises(UserError, match=r"x: 'messages' is missing"):
-        tokenize_record({"question": "q"}, "chat", bpe_tokenizer, Data(), "x")
+    assert str(info.value) == (f"{path}:1: data.format=chat, but the data looks like alpaca "
+                               "(its first row has 'instruction', 'output'); set "
+                               "data.format=alpaca, or auto to detect each source's format")
+    chats = write(tmp_path / "chat.jsonl", [CHAT])
+    with pytest.raises(UserError, match=r"chat\.jsonl:1: data\.format=alpaca, but the data looks "
+                                        r"like chat \(its first row has 'messages'\)"):
+        build(Data(train=path, eval=chats, format="alpaca"), bpe_tokenizer, seed=0)
+    # a later row of another shape is a bad row: it says what is missing
+    mixed = write(tmp_path / "mixed.jsonl", [CHAT, TEXT])
+    with pytest.raises(UserError, match=r"mixed\.jsonl:2: 'messages' is missing"):
+        build(Data(train=mixed, format="chat", eval_size=0), bpe_tokenizer, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 
 from peftkit.data.example import IGNORE, Example, Prompt
-from peftkit.data.formats import detect_format
+from peftkit.data.formats import check_source_format, detect_format
 from peftkit.data.mixing import mix_plan
 from peftkit.data.render import (assemble, check_tokenizer, prompt_ids, render_row,
                                  tokenize_pieces)
@@ -117,7 +117,10 @@ def _tally(encoded: list[_Encoded], stats: DataStats) -> list[Example]:
 
 
 def _format_of(rows: list, cfg: Data) -> str:
-    return cfg.format if cfg.format != "auto" else detect_format(rows[0], rows[0].where)
+    if cfg.format == "auto":
+        return detect_format(rows[0], rows[0].where)
+    check_source_format(rows[0], cfg.format, rows[0].where)
+    return cfg.format
 
 
 def _read(source: str, cfg: Data, tokenizer) -> tuple[list, int, str]:

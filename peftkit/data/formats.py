@@ -175,18 +175,18 @@ def detect_format(record: dict, where: str) -> str:
                     f"{sorted(present)}; expected one of: {options} (or set data.format)")
 
 
-def _check_shape(spec: Format, record: dict, where: str) -> None:
-    """A row without the fields of `spec` that has another format's: say which setting to
-    change rather than which field is missing."""
-    present = _present(record)
+def check_source_format(record: dict, fmt: str, source: str) -> None:
+    """Refuse a source whose first row has another format's fields and not `fmt`'s, saying
+    which format it looks like and which setting to change (a later odd row is a bad row)."""
+    spec, present = format_named(fmt), _present(record)
     if present.issuperset(spec.fields):
         return
     for other in FORMATS.values():
         if present.issuperset(other.fields):
             fields = ", ".join(repr(f) for f in other.fields)
-            raise BadRow(f"{where}: data.format={spec.name}, but the row looks like "
-                         f"{other.name} data ({fields}); set data.format={other.name}, or "
-                         f"auto to detect each source's format")
+            raise UserError(f"{source}: data.format={fmt}, but the data looks like {other.name} "
+                            f"(its first row has {fields}); set data.format={other.name}, or "
+                            f"auto to detect each source's format")
 
 
 def to_messages(record: dict, fmt: str, where: str,
@@ -195,7 +195,6 @@ def to_messages(record: dict, fmt: str, where: str,
     spec = format_named(fmt)
     if not spec.chat:
         return None
-    _check_shape(spec, record, where)
     messages = spec.to_messages(record, where)
     # A conversation that brings its own system message keeps it.
     if system_prompt and messages[0]["role"] != "system":
@@ -205,6 +204,4 @@ def to_messages(record: dict, fmt: str, where: str,
 
 def to_raw(record: dict, fmt: str, where: str) -> RawText:
     """The prompt and completion of a row of a raw format (validated)."""
-    spec = format_named(fmt)
-    _check_shape(spec, record, where)
-    return spec.to_raw(record, where)
+    return format_named(fmt).to_raw(record, where)

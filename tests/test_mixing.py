@@ -114,6 +114,8 @@ def test_share_counts_add_up_exactly():
     assert sum(counts(sources, [7, 7, 7])) == 21  # largest remainders: no sample lost
     passes = [TrainSource("a", passes=2.0), TrainSource("b", passes=0.5), TrainSource("c")]
     assert counts(passes, [100, 40, 10]) == [200, 20, 10]
+    assert counts(passes, [100, 40, 10], limit=23) == [20, 2, 1]  # max_samples, in proportion
+    assert counts(sources, [100, 40, 10], limit=1000) == [75, 45, 30]  # a cap above: no change
 
 
 def test_plan_is_fixed_by_the_seed():
@@ -147,12 +149,12 @@ def test_shares_over_an_epoch_of_training(three_sources, bpe_tokenizer):
     # the same seed gives the same samples in the same order; another seed another draw
     assert build(cfg, bpe_tokenizer, seed=0)[0] == train
     assert build(cfg, bpe_tokenizer, seed=1)[0] != train
-    # max_samples takes a prefix of the shuffled mix: the proportions hold roughly
-    capped, _, _, _ = build(Data(train=cfg.train, eval_size=0, max_samples=60), bpe_tokenizer, 0)
-    few = Counter(source_of(e, bpe_tokenizer) for e in capped)
-    assert sum(few.values()) == 60
-    assert {k: v / 60 for k, v in few.items()} == pytest.approx(
-        {"alpha": 0.5, "beta": 0.3, "gamma": 0.2}, abs=0.12)
+    # max_samples scales every source down in proportion
+    capped, _, _, stats = build(Data(train=cfg.train, eval_size=0, max_samples=60),
+                                bpe_tokenizer, 0)
+    assert Counter(source_of(e, bpe_tokenizer) for e in capped) == {
+        "alpha": 30, "beta": 18, "gamma": 12}
+    assert [s.samples for s in stats.sources] == [30, 18, 12]
 
 
 def test_passes_repeat_whole_sources(three_sources, bpe_tokenizer):

@@ -140,7 +140,7 @@ def _stats(formats: list[str]) -> DataStats:
 def _plan(sources: list[TrainSource], groups: list[list], cfg: Data,
           seed: int) -> list[tuple[int, int]]:
     """(source, row) of each training sample: one unweighted source in file order (the loop
-    shuffles), a mix as mixing.py draws it; then at most data.max_samples."""
+    shuffles), a mix as mixing.py draws it; at most data.max_samples."""
     for source, rows in zip(sources, groups):
         if not rows:
             raise UserError(f"data.train: {source.source} keeps no training rows after the "
@@ -148,9 +148,8 @@ def _plan(sources: list[TrainSource], groups: list[list], cfg: Data,
                             "data.eval_size or set data.eval")
     if len(sources) == 1 and not sources[0].weight:
         plan = [(0, n) for n in range(len(groups[0]))]
-    else:
-        plan = mix_plan(sources, [len(rows) for rows in groups], seed)
-    return plan[: cfg.max_samples] if cfg.max_samples > 0 else plan
+        return plan[: cfg.max_samples] if cfg.max_samples > 0 else plan
+    return mix_plan(sources, [len(rows) for rows in groups], seed, cfg.max_samples)
 
 
 def _train_set(sources: list[TrainSource], groups: list[list], formats: list[str],

@@ -9,8 +9,9 @@ each source keeps for training, `mix_plan` decides the samples, fixed by the see
             through them again in a fresh order
   passes k  every row k times for whole k; the fraction takes a seeded subset (0.5x: half)
 
-The samples are then shuffled together (seeded), so that data.max_samples keeps the mix's
-proportions. The same samples make up every training epoch; the loop reorders them each epoch.
+data.max_samples scales every source's count down in proportion (largest remainders again), so
+a capped mix keeps its proportions. The samples are shuffled together (seeded); the same
+samples make up every training epoch, which the loop reorders each epoch.
 """
 
 from __future__ import annotations
@@ -35,24 +36,34 @@ def _draw(n: int, count: int, rng: random.Random) -> list[int]:
     return drawn
 
 
-def counts(sources: list[TrainSource], sizes: list[int]) -> list[int]:
-    """Samples each source supplies to one epoch of the mix."""
+def _apportion(weights: list[float], total: int) -> list[int]:
+    """`total` split in proportion to `weights`, by largest remainders (ties: first wins)."""
+    quotas = [w * total / sum(weights) for w in weights]
+    out = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (out[i] - quotas[i], i))
+    for i in by_remainder[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def counts(sources: list[TrainSource], sizes: list[int], limit: int = 0) -> list[int]:
+    """Samples each source supplies to one epoch of the mix; at most `limit` in all (0: no
+    limit), shared out in proportion."""
     if any(s.share is not None for s in sources):
-        total = sum(sizes)
-        quotas = [s.share * total for s in sources]
-        out = [math.floor(q) for q in quotas]
-        by_remainder = sorted(range(len(sources)), key=lambda i: (out[i] - quotas[i], i))
-        for i in by_remainder[: total - sum(out)]:
-            out[i] += 1
-        return out
-    return [round((1.0 if s.passes is None else s.passes) * n) for s, n in zip(sources, sizes)]
+        wanted = _apportion([s.share for s in sources], sum(sizes))
+    else:
+        wanted = [round((1.0 if s.passes is None else s.passes) * n)
+                  for s, n in zip(sources, sizes)]
+    if 0 < limit < sum(wanted):
+        wanted = _apportion(wanted, limit)
+    return wanted
 
 
-def mix_plan(sources: list[TrainSource], sizes: list[int],
-             seed: int) -> list[tuple[int, int]]:
+def mix_plan(sources: list[TrainSource], sizes: list[int], seed: int,
+             limit: int = 0) -> list[tuple[int, int]]:
     """(source index, row index) of every sample of one epoch of the mix, in its order."""
     plan = []
-    for i, (source, n, count) in enumerate(zip(sources, sizes, counts(sources, sizes))):
+    for i, (source, n, count) in enumerate(zip(sources, sizes, counts(sources, sizes, limit))):
         plan += [(i, row) for row in _draw(n, count, _rng(seed, i, source.source))]
     random.Random(seed).shuffle(plan)
     return plan

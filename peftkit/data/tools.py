@@ -90,7 +90,7 @@ def features(messages: list[dict], tools: list[dict] | None) -> list[str]:
 def renders(tokenizer, feature: str) -> bool:
     """Whether the tokenizer's chat template puts `feature` into the text (probed once per
     template)."""
-    key = (tokenizer.chat_template, feature)
+    key = (str(tokenizer.chat_template), feature)  # a dict where a model names several
     if key not in _rendered:
         messages, tools, marker = PROBES[feature]
         try:

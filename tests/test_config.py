@@ -127,6 +127,13 @@ def test_unknown_recipe_suggests_the_closest():
     ("data.train=my.jsonl", "data", "train", "my.jsonl"),
     ("data.system_prompt=a=b", "data", "system_prompt", "a=b"),  # split at the first '='
     ("data.train=", "data", "train", ""),
+    # a free-text field has no "null": no value, not a file or Hub dataset named "null"
+    ("data.eval=null", "data", "eval", ""),
+    ("data.eval=None", "data", "eval", ""),
+    ("hub.repo_id=none", "hub", "repo_id", ""),
+    # where "none" is one of the choices it stays that choice
+    ("adapter.bias=none", "adapter", "bias", "none"),
+    ("train.report_to=none", "train", "report_to", "none"),
     ("adapter.targets=q_proj,v_proj", "adapter", "targets", "q_proj,v_proj"),
 ])
 def test_parse_overrides_converts_by_field_type(item, section, key, expected):

@@ -19,10 +19,12 @@ from peftkit.errors import UserError
 
 CHAT = {"messages": [{"role": "user", "content": "hello world"},
                      {"role": "assistant", "content": "the quick fox"}]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "hello world"},
+                              {"from": "gpt", "value": "the quick fox"}]}
 ALPACA = {"instruction": "sort the list", "input": "3 1 2", "output": "1 2 3"}
 PROMPT_COMPLETION = {"prompt": "Q: reverse abc\nA:", "completion": " cba"}
 TEXT = {"text": "the lazy dog sleeps"}
-RECORDS = {"chat": CHAT, "alpaca": ALPACA, "prompt_completion": PROMPT_COMPLETION,
+RECORDS = {"chat": CHAT, "sharegpt": SHAREGPT, "alpaca": ALPACA, "prompt_completion": PROMPT_COMPLETION,
            "text": TEXT}
 
 
@@ -142,11 +144,151 @@ def test_system_prompt_is_prepended_unless_the_row_has_one(bpe_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# ShareGPT and tool use
+
+def test_sharegpt_trains_every_gpt_turn_token_by_token(bpe_tokenizer):
+    tok = bpe_tokenizer
+    record = {"conversations": [{"from": "system", "value": "be brief"},
+                                {"from": "human", "value": "sort 3 1"},
+                                {"from": "gpt", "value": "1 3"},
+                                {"from": "user", "value": "reverse it"},
+                                {"from": "assistant", "value": "3 1"}]}
+    example = tokenize_record(record, "sharegpt", tok, Data(), "x")
+    p1 = ids(tok, "<|bos|>System: be brief\nUser: sort 3 1\nAssistant:")
+    c1 = ids(tok, " 1 3<|eos|>")
+    p2 = ids(tok, "\nUser: reverse it\nAssistant:")
+    c2 = ids(tok, " 3 1<|eos|>")
+    assert example.input_ids == p1 + c1 + p2 + c2
+    assert example.labels == [IGNORE] * len(p1) + c1 + [IGNORE] * len(p2) + c2
+    # a system prompt kept beside the turns (some exports) opens the conversation
+    beside = {"system": "be brief", "conversations": record["conversations"][1:]}
+    assert tokenize_record(beside, "sharegpt", tok, Data(), "x") == example
+
+
+def test_sharegpt_bad_turns_are_named(bpe_tokenizer):
+    bad = {"conversations": [{"from": "human", "value": "a"}, {"from": "robot", "value": "b"}]}
+    with pytest.raises(UserError, match=r"^x: conversations\[1\] = .*robot.* is not a valid "
+                                        r"turn; expected \"conversations\""):
+        tokenize_record(bad, "sharegpt", bpe_tokenizer, Data(), "x")
+    only_human = {"conversations": [{"from": "human", "value": "a"}]}
+    with pytest.raises(UserError, match=r"x: no assistant turn"):
+        tokenize_record(only_human, "sharegpt", bpe_tokenizer, Data(), "x")
+
+
+# A chat template that renders tools, tool calls and tool results (test-only; the tiny models'
+# template, like many, has none of them).
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}Tools:{% for t in tools %} {{ t['function']['name'] }}"
+    "{% endfor %}{{ '\\n' }}{% endif %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}System: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'tool' %}Tool: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}"
+    "{% for c in m['tool_calls'] or [] %}<call>{{ c['function']['name'] }} "
+    "{{ c['function']['arguments'] | tojson }}</call>{% endfor %}{{ eos_token }}\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+ADD = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}
+TOOL_ROW = {"tools": [ADD], "messages": [
+    {"role": "user", "content": "2 + 3?"},
+    # OpenAI's format: content null, arguments as a JSON string
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    {"role": "assistant", "content": "5"}]}
+
+
+@pytest.fixture
+def tool_tokenizer(bpe_tokenizer):
+    tok = copy.deepcopy(bpe_tokenizer)
+    tok.chat_template = TOOL_TEMPLATE
+    return tok
+
+
+def test_tool_calls_are_learned_and_tool_results_are_context(tool_tokenizer):
+    tok = tool_tokenizer
+    example = tokenize_record(TOOL_ROW, "chat", tok, Data(), "x")
+    p1 = ids(tok, "<|bos|>Tools: add\nUser: 2 + 3?\nAssistant:")
+    c1 = ids(tok, ' <call>add {"a": 2, "b": 3}</call><|eos|>')  # the call, then EOS
+    p2 = ids(tok, "\nTool: 5\nAssistant:")  # the tool's result: prompt, no loss
+    c2 = ids(tok, " 5<|eos|>")
+    assert example.input_ids == p1 + c1 + p2 + c2
+    assert example.labels == [IGNORE] * len(p1) + c1 + [IGNORE] * len(p2) + c2
+    # arguments given as an object render the same as the JSON string
+    as_object = copy.deepcopy(TOOL_ROW)
+    as_object["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"a": 2, "b": 3}
+    assert tokenize_record(as_object, "chat", tok, Data(), "x") == example
+
+
+def test_sharegpt_tool_turns_render_with_a_tools_template(tool_tokenizer):
+    tok = tool_tokenizer
+    record = {"conversations": [{"from": "human", "value": "2 + 3?"},
+                                {"from": "gpt", "value": "<call>add</call>"},
+                                {"from": "function", "value": "5"},
+                                {"from": "gpt", "value": "5"}]}
+    example = tokenize_record(record, "sharegpt", tok, Data(), "x")
+    p1, c1 = ids(tok, "<|bos|>User: 2 + 3?\nAssistant:"), ids(tok, " <call>add</call><|eos|>")
+    p2, c2 = ids(tok, "\nTool: 5\nAssistant:"), ids(tok, " 5<|eos|>")
+    assert example.input_ids == p1 + c1 + p2 + c2
+    assert example.labels == [IGNORE] * len(p1) + c1 + [IGNORE] * len(p2) + c2
+
+
+@pytest.mark.parametrize("template", ["tests' (ignores tools)", "peftkit's (raises on 'tool')"])
+def test_tool_use_is_refused_where_the_template_cannot_render_it(bpe_tokenizer, tmp_path,
+                                                                 template):
+    from peftkit.model.loading import DEFAULT_CHAT_TEMPLATE
+
+    tok = copy.deepcopy(bpe_tokenizer)
+    if template.startswith("peftkit"):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    with pytest.raises(UserError) as info:
+        tokenize_record(TOOL_ROW, "chat", tok, Data(), "x")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("x: the conversation has tool calls and tool results and tool "
+                              "definitions, which the chat template of ")
+    assert "does not render; use a model whose chat template supports tools" in message
+    calls_only = {"messages": TOOL_ROW["messages"][:2]}
+    with pytest.raises(UserError, match=r"^x: the conversation has tool calls, which"):
+        tokenize_record(calls_only, "chat", tok, Data(), "x")
+    # with data.skip_bad_rows the tool rows are skipped and counted, the others train
+    path = write(tmp_path / "t.jsonl", [CHAT, TOOL_ROW, CHAT])
+    train, _, _, stats = build(Data(train=path, eval_size=0, skip_bad_rows=True), tok, seed=0)
+    assert (len(train), stats.skipped) == (2, 1)
+
+
+def test_a_malformed_tool_call_is_named(tool_tokenizer):
+    bad = copy.deepcopy(TOOL_ROW)
+    bad["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{not json"
+    with pytest.raises(UserError, match=r"^x: messages\[1\]\.tool_calls has .* not a valid "
+                                        r"call"):
+        tokenize_record(bad, "chat", tool_tokenizer, Data(), "x")
+
+
+def test_a_file_of_another_format_names_the_setting_to_change(tmp_path, bpe_tokenizer):
+    path = write(tmp_path / "alpaca.jsonl", [ALPACA, ALPACA])
+    with pytest.raises(UserError) as info:
+        build(Data(train=path, format="chat", eval_size=0), bpe_tokenizer, seed=0)
+    assert str(info.value) == (f"{path}:1: data.format=chat, but the data looks like alpaca "
+                               "(its first row has 'instruction', 'output'); set "
+                               "data.format=alpaca, or auto to detect each source's format")
+    chats = write(tmp_path / "chat.jsonl", [CHAT])
+    with pytest.raises(UserError, match=r"chat\.jsonl:1: data\.format=alpaca, but the data looks "
+                                        r"like chat \(its first row has 'messages'\)"):
+        build(Data(train=path, eval=chats, format="alpaca"), bpe_tokenizer, seed=0)
+    # a later row of another shape is a bad row: it says what is missing
+    mixed = write(tmp_path / "mixed.jsonl", [CHAT, TEXT])
+    with pytest.raises(UserError, match=r"mixed\.jsonl:2: 'messages' is missing"):
+        build(Data(train=mixed, format="chat", eval_size=0), bpe_tokenizer, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Files and formats
 
-# every format from every file type, except chat from CSV (a cell cannot hold a list)
+# every format from every file type, except conversations from CSV (a cell cannot hold a list)
 FILE_CASES = [(fmt, suffix) for fmt in RECORDS for suffix in (".jsonl", ".json", ".csv", ".parquet")
-              if (fmt, suffix) != ("chat", ".csv")]
+              if not (fmt in ("chat", "sharegpt") and suffix == ".csv")]
 
 
 @pytest.mark.parametrize("fmt,suffix", FILE_CASES)
@@ -181,8 +323,8 @@ def test_the_recipe_offers_exactly_the_formats_of_the_table():
     # recipe/ cannot import data/, so it keeps its own list of data.format names.
     assert DATA_FORMATS == ("auto", *FORMATS)
     assert list(RECORDS) == list(FORMATS)  # and every format is exercised in this file
-    with pytest.raises(UserError, match=r"^data\.format='yaml': must be one of chat, alpaca, "
-                                        r"prompt_completion, text$"):
+    with pytest.raises(UserError, match=r"^data\.format='yaml': must be one of chat, sharegpt, "
+                                        r"alpaca, prompt_completion, text$"):
         to_messages(TEXT, "yaml", "x")
 
 

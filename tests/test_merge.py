@@ -1,8 +1,13 @@
 """`peftkit merge`: the merged model equals the adapter model, reloads with plain transformers,
 and a merge that does not reproduce the trained model is refused (exit 1, output marked)."""
 
+import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +165,46 @@ def test_merge_refuses_a_non_empty_out_before_loading(lora_run, tmp_path, capsys
     rc, _, err = merge(capsys, lora_run, out, "--overwrite")
     assert rc == 2 and "refusing to delete" in err
     assert (out / "notes.txt").read_text() == "mine"
+
+
+# --- what loading, building and merging print: peftkit's lines, not libraries' chatter -------
+
+def test_building_a_tiny_base_in_a_fresh_process_is_quiet(tmp_path):
+    """Saving the tiny form goes through accelerate, which imports DeepSpeed when installed."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+               PEFTKIT_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", "from peftkit.model.tiny import build_tiny; "
+                           "print(build_tiny('meta-llama/Llama-3.2-1B', 'llama', 'xs'))"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # DeepSpeed logs to stdout: only the path printed here may be there
+    assert done.stderr == "" and done.stdout.strip().startswith(str(tmp_path / "cache")), \
+        done.stdout
+
+
+def test_loading_a_base_prints_a_note_not_a_progress_bar(capsys):
+    from peftkit.model.loading import base_path, load_model
+
+    tiny = registry.resolve("demo").recipe.model
+    path = base_path(tiny)
+    notes = []
+    load_model(path, tiny, torch.float32, say=notes.append)
+    assert notes == []  # a tiny base loads in milliseconds: nothing to say
+    real = dataclasses.replace(tiny, name=path, tiny=False)
+    load_model(path, real, torch.float32, say=notes.append)
+    assert len(notes) == 1 and notes[0].startswith(f"loading the base weights: {path} (")
+    assert "Loading weights" not in capsys.readouterr().err  # transformers' bar
+
+
+def test_merge_in_a_fresh_process_prints_no_library_noise(lora_run, tmp_path):
+    """As users run it: accelerate imports DeepSpeed (when installed) while the merged model
+    saves, and DeepSpeed must not guess the accelerator out loud; no "Loading weights" bar."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-m", "peftkit", "merge", str(lora_run), "--out",
+                           str(tmp_path / "merged")], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Setting accelerator" not in output and "Loading weights" not in output, output

@@ -92,9 +92,19 @@ def test_a_signal_checkpoints_and_prints_the_resume_command(tmp_path, capsys, si
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_a_second_signal_acts_at_once_and_handlers_are_restored():
-    stop = signals.StopRequest()
+@pytest.fixture
+def sigint_disposition():
+    """Set SIGINT's disposition as a parent process might have left it, restored afterwards:
+    tests must not depend on how they were started (`nohup make test &` in a script runs
+    them with SIGINT ignored)."""
     before = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_signal_acts_at_once_and_handlers_are_restored(sigint_disposition):
+    sigint_disposition(signal.default_int_handler)  # Python's own, whatever the parent set
+    stop = signals.StopRequest()
     with pytest.raises(KeyboardInterrupt):
         for step in stop.steps(range(1, 10)):
             assert signal.getsignal(signal.SIGINT) == stop._handle
@@ -103,7 +113,28 @@ def test_a_second_signal_acts_at_once_and_handlers_are_restored():
                 assert stop.signum == signal.SIGINT
             if step == 3:
                 signal.raise_signal(signal.SIGINT)  # second: the previous handler acts
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_signal_stays_ignored(sigint_disposition):
+    sigint_disposition(signal.SIG_IGN)  # as `cmd &` in a shell script starts cmd
+    stop = signals.StopRequest()
+    for step in stop.steps(range(3)):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        signal.raise_signal(signal.SIGINT)
+    assert stop.signum is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_signal_tests_pass_when_started_with_sigint_ignored():
+    """`nohup make test &` from a script: pytest starts with SIGINT ignored."""
+    child = subprocess.run(
+        [sys.executable, "-c", "import signal, sys, pytest; signal.signal(signal.SIGINT, "
+         "signal.SIG_IGN); sys.exit(pytest.main(sys.argv[1:]))", "-q", "-p", "no:cacheprovider",
+         f"{__file__}::test_a_second_signal_acts_at_once_and_handlers_are_restored",
+         f"{__file__}::test_an_ignored_signal_stays_ignored"],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-2000:]
 
 
 def test_handlers_are_restored_when_the_loop_raises():

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from peftkit.data.sources import BadRow
+from peftkit.data.tools import tool_call
 from peftkit.errors import UserError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result (see tools.py)
+# ShareGPT's speakers as chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool", "function": "tool"}
 
 
 @dataclass(frozen=True)
@@ -54,26 +58,65 @@ def _string(record: dict, key: str, fmt: str, where: str, optional: bool = False
     return value
 
 
+def _invalid(where: str, what: str, value, fmt: str, noun: str) -> BadRow:
+    shown = json.dumps(value, ensure_ascii=False, default=str)[:80]
+    return BadRow(f"{where}: {what} = {shown} is not a valid {noun}; expected "
+                  f"{FORMATS[fmt].expected}")
+
+
+def _with_answer(messages: list[dict], where: str, fmt: str) -> list[dict]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow(f"{where}: no assistant turn to learn from; expected "
+                     f"{FORMATS[fmt].expected}")
+    return messages
+
+
+def _message(message, n: int, where: str) -> dict:
+    """One chat message, validated; only the keys a chat template reads (columnar files add
+    absent keys, e.g. "name": None, that a template would otherwise render)."""
+    if not isinstance(message, dict):
+        raise _invalid(where, f"messages[{n}]", message, "chat", "message")
+    role, content = message.get("role"), message.get("content")
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if calls is not None and not isinstance(calls, list):
+        raise _invalid(where, f"messages[{n}].tool_calls", calls, "chat", "list of calls")
+    if content is None and calls:
+        content = ""  # an assistant turn that only calls tools
+    if role not in ROLES or not isinstance(content, str):
+        raise _invalid(where, f"messages[{n}]", message, "chat", "message")
+    clean = {"role": role, "content": content}
+    if calls:
+        clean["tool_calls"] = [tool_call(call, where, n) for call in calls]
+    if role == "tool":
+        clean.update({k: message[k] for k in ("name", "tool_call_id")
+                      if isinstance(message.get(k), str)})
+    return clean
+
+
 def _chat(record: dict, where: str) -> list[dict]:
-    expected = FORMATS["chat"].expected
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
-        problem = "'messages' is missing, empty or not a list"
-        raise BadRow(f"{where}: {problem}; expected {expected}")
-    clean = []
-    for n, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if role not in ROLES or not isinstance(content, str):
-            shown = json.dumps(message, ensure_ascii=False, default=str)[:80]
-            raise BadRow(f"{where}: messages[{n}] = {shown} is not a valid message; "
-                         f"expected {expected}")
-        # Keep only role and content: columnar files add absent keys (e.g. "name": None)
-        # that a chat template would otherwise render.
-        clean.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in clean):
-        raise BadRow(f"{where}: no assistant turn to learn from; expected {expected}")
-    return clean
+        raise BadRow(f"{where}: 'messages' is missing, empty or not a list; expected "
+                     f"{FORMATS['chat'].expected}")
+    return _with_answer([_message(m, n, where) for n, m in enumerate(messages)], where, "chat")
+
+
+def _sharegpt(record: dict, where: str) -> list[dict]:
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadRow(f"{where}: 'conversations' is missing, empty or not a list; expected "
+                     f"{FORMATS['sharegpt'].expected}")
+    messages = []
+    for n, turn in enumerate(turns):
+        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        value = turn.get("value") if isinstance(turn, dict) else None
+        if role is None or not isinstance(value, str):
+            raise _invalid(where, f"conversations[{n}]", turn, "sharegpt", "turn")
+        messages.append({"role": role, "content": value})
+    system = record.get("system")  # some ShareGPT exports keep the system prompt beside
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return _with_answer(messages, where, "sharegpt")
 
 
 def _alpaca(record: dict, where: str) -> list[dict]:
@@ -96,7 +139,11 @@ def _text(record: dict, where: str) -> RawText:
 FORMATS = {f.name: f for f in (
     Format("chat", ("messages",),
            '"messages": a list of {"role": "system"|"user"|"assistant", "content": string} '
-           "with at least one assistant turn", to_messages=_chat),
+           'with at least one assistant turn (tool use: assistant "tool_calls", role "tool")',
+           to_messages=_chat),
+    Format("sharegpt", ("conversations",),
+           '"conversations": a list of {"from": "human"|"gpt"|"system"|"tool", "value": '
+           "string} with at least one gpt turn", to_messages=_sharegpt),
     Format("alpaca", ("instruction", "output"),
            '"instruction" and "output" strings (and an optional "input" string)',
            to_messages=_alpaca),
@@ -112,16 +159,34 @@ def format_named(name: str) -> Format:
     return FORMATS[name]
 
 
-def detect_format(record: dict, where: str) -> str:
-    """The format whose fields the record has: chat, alpaca, prompt_completion or text."""
+def _present(record: dict) -> set[str]:
     # Columnar files (json/csv/parquet) give every row every column, absent ones as None.
-    present = {key for key, value in record.items() if value is not None}
+    return {key for key, value in record.items() if value is not None}
+
+
+def detect_format(record: dict, where: str) -> str:
+    """The first format (in FORMATS order) whose fields the record has."""
+    present = _present(record)
     for fmt in FORMATS.values():
         if present.issuperset(fmt.fields):
             return fmt.name
     options = "; ".join(f"{fmt.name} = {fmt.expected}" for fmt in FORMATS.values())
     raise UserError(f"{where}: cannot tell the data format from the fields "
                     f"{sorted(present)}; expected one of: {options} (or set data.format)")
+
+
+def check_source_format(record: dict, fmt: str, source: str) -> None:
+    """Refuse a source whose first row has another format's fields and not `fmt`'s, saying
+    which format it looks like and which setting to change (a later odd row is a bad row)."""
+    spec, present = format_named(fmt), _present(record)
+    if present.issuperset(spec.fields):
+        return
+    for other in FORMATS.values():
+        if present.issuperset(other.fields):
+            fields = ", ".join(repr(f) for f in other.fields)
+            raise UserError(f"{source}: data.format={fmt}, but the data looks like {other.name} "
+                            f"(its first row has {fields}); set data.format={other.name}, or "
+                            f"auto to detect each source's format")
 
 
 def to_messages(record: dict, fmt: str, where: str,
@@ -135,3 +200,8 @@ def to_messages(record: dict, fmt: str, where: str,
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
+
+
+def to_raw(record: dict, fmt: str, where: str) -> RawText:
+    """The prompt and completion of a row of a raw format (validated)."""
+    return format_named(fmt).to_raw(record, where)

@@ -3,7 +3,8 @@
 The data is built exactly as `peftkit train` builds it (peftkit.data.dataset.build with the run's
 tokenizer), then summarised: record counts, token lengths as trained (after truncation to
 data.max_len), the share of tokens that carry loss, what truncation did, whether EOS is
-trained, and two samples with their trained spans between ⟦ ⟧.
+trained, and two samples with their trained spans between ⟦ ⟧; for a mix of sources, what
+each source supplies.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from peftkit.data.dataset import build
+from peftkit.data.dataset import SourceStats, build
 from peftkit.data.example import IGNORE
 from peftkit.model.loading import base_path, load_tokenizer
 from peftkit.recipe.schema import Recipe
@@ -38,6 +39,7 @@ class Report:
     loss_tokens: int
     eos_trained: int  # samples whose labels include the EOS token
     rendered: list = field(default_factory=list)  # [(text, trained)] spans of two samples
+    sources: list[SourceStats] = field(default_factory=list)  # data.train's, in its order
 
     @property
     def loss_share(self) -> float:
@@ -75,7 +77,17 @@ def preflight(recipe: Recipe, show_samples: int = 2) -> Report:
         max_len=recipe.data.max_len, truncated=stats.truncated,
         dropped=stats.dropped_no_labels, tokens=stats.tokens, loss_tokens=stats.loss_tokens,
         eos_trained=sum(tokenizer.eos_token_id in e.labels for e in train),
-        rendered=[spans(e, tokenizer) for e in train[:show_samples]])
+        rendered=[spans(e, tokenizer) for e in train[:show_samples]], sources=stats.sources)
+
+
+def print_sources(sources: list[SourceStats], console) -> None:
+    """The mix: each source's weight, format, rows and share of the training samples."""
+    total = sum(s.samples for s in sources) or 1
+    console.print("  mix (one epoch; shares as trained, after max_samples and drops):")
+    for s in sources:
+        weight = f"={s.weight}" if s.weight else " (once)"
+        console.print(f"    {s.source}{weight} ({s.format}): {s.rows:,} rows -> "
+                      f"{s.samples:,} samples, {100 * s.samples / total:.1f}%")
 
 
 def print_report(report: Report, console) -> None:
@@ -87,6 +99,8 @@ def print_report(report: Report, console) -> None:
                   + (f", {r.skipped:,} malformed rows skipped" if r.skipped else "")
                   + f"; eval: {r.eval_samples:,} samples, {r.eval_prompts:,} prompts "
                   f"({r.eval})")
+    if len(r.sources) > 1 or any(s.weight for s in r.sources):
+        print_sources(r.sources, console)
     lengths = r.lengths
     console.print(f"  tokens per sample (as trained): min {lengths['min']}, median "
                   f"{lengths['median']:g}, p90 {lengths['p90']}, max {lengths['max']}")

@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from peftkit.data.example import IGNORE, Example, Prompt
-from peftkit.data.formats import FORMATS, format_named, to_messages
+from peftkit.data.formats import FORMATS, format_named, to_messages, to_raw
 from peftkit.data.sources import BadRow, one_line
+from peftkit.data.tools import require_support, tools_of
 from peftkit.errors import UserError
 from peftkit.recipe.schema import Data
 
@@ -69,29 +70,32 @@ def _require_prefix(text: str, prefix: str, tokenizer, where: str) -> None:
                         f"that behaviour or format=prompt_completion")
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str,
+            tools: list[dict] | None = None) -> str:
     _require_chat_template(tokenizer)
     import jinja2  # transformers renders chat templates with jinja2
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except jinja2.TemplateError as err:  # the template's raise_exception(), e.g. role order
         raise BadRow(f"{where}: the chat template of {_name(tokenizer)} rejected this "
                      f"conversation ({one_line(err)}); fix the row") from None
 
 
-def _chat_pieces(messages: list[dict], tokenizer, where: str) -> list[Piece]:
+def _chat_pieces(messages: list[dict], tokenizer, where: str,
+                 tools: list[dict] | None = None) -> list[Piece]:
     """Split a rendered conversation into prompt and completion pieces, one pair per
-    assistant turn, by rendering it progressively (prompt = turns before it plus the
-    generation prompt, completion = what the assistant turn adds to that)."""
+    assistant turn (tool calls included: the model learns to make them), by rendering it
+    progressively (prompt = turns before it plus the generation prompt, completion = what
+    the assistant turn adds to that). Tool results are prompt, like user turns."""
     eos = tokenizer.eos_token
     pieces, done = [], ""  # done = the text already assigned to pieces
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], True, where)
-        full = _render(tokenizer, messages[: i + 1], False, where)
+        prompt = _render(tokenizer, messages[:i], True, where, tools)
+        full = _render(tokenizer, messages[: i + 1], False, where, tools)
         _require_prefix(prompt, done, tokenizer, where)
         _require_prefix(full, prompt, tokenizer, where)
         completion = full[len(prompt):]
@@ -102,7 +106,7 @@ def _chat_pieces(messages: list[dict], tokenizer, where: str) -> list[Piece]:
         pieces += [Piece(prompt[len(done):], False), Piece(completion, True)]
         done = prompt + completion
     if messages[-1]["role"] != "assistant":  # turns after the last answer: context only
-        rest = _render(tokenizer, messages, False, where)
+        rest = _render(tokenizer, messages, False, where, tools)
         _require_prefix(rest, done, tokenizer, where)
         pieces.append(Piece(rest[len(done):], False))
     return pieces
@@ -121,16 +125,17 @@ def render_row(record: dict, fmt: str, tokenizer, cfg: Data,
                where: str) -> tuple[list[Piece], str | None]:
     """A row as text pieces, plus the reference answer for generation eval (None when the row
     has no prompt to generate from, as in text)."""
-    spec = format_named(fmt)
-    if not spec.chat:
-        raw = spec.to_raw(record, where)
+    if not format_named(fmt).chat:
+        raw = to_raw(record, fmt, where)
         if raw.prompt is None:
             return [Piece(_raw_bos(tokenizer) + raw.completion, True)], None
         pieces = [Piece(_raw_bos(tokenizer) + raw.prompt, False), Piece(raw.completion, True)]
         return pieces, raw.completion.strip()
     messages = to_messages(record, fmt, where, cfg.system_prompt)
+    tools = tools_of(record, where)
+    require_support(tokenizer, messages, tools, _name(tokenizer), where)
     reference = [m["content"] for m in messages if m["role"] == "assistant"][-1]
-    return _chat_pieces(messages, tokenizer, where), reference.strip()
+    return _chat_pieces(messages, tokenizer, where, tools), reference.strip()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,12 +117,12 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", overwrite: 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = resolve_precision(m, recipe.launch, device.type)
         model = _with_adapter(load_model(base, m, precision.dtype, precision.compute_dtype,
-                                         device), run)
+                                         device, say=say), run)
         quantized_ref = _forward(model, batch, device)
         del model  # before the unquantized copy loads: one model in memory at a time
         gc.collect()
         torch.cuda.empty_cache()
-    model = load_model(base, dataclasses.replace(m, quantize=None), out_dtype)
+    model = load_model(base, dataclasses.replace(m, quantize=None), out_dtype, say=say)
     device = _device_for(model)
     model = _with_adapter(model.to(device), run)
     adapter_ref = _forward(model, batch, device)

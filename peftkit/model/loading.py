@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -10,7 +12,7 @@ from peftkit.adapters.registry import adapter_method
 from peftkit.model import quantize
 from peftkit.recipe.schema import Launch, Lora, Model
 from peftkit.errors import UserError
-from peftkit.model.sharded import numel
+from peftkit.model.sharded import name_cpu_for_deepspeed, numel, quiet_progress
 from peftkit.model.tiny import build_tiny, tokenizer_dir
 
 # Tokenizers that ship without a chat template (base models) get peftkit's own: a plain,
@@ -96,21 +98,29 @@ def load_tokenizer(path: str, model: Model):
 
 
 def load_model(path: str, model: Model, dtype: torch.dtype,
-               compute_dtype: torch.dtype | None = None, device=None):
+               compute_dtype: torch.dtype | None = None, device=None,
+               say: Callable[[str], None] | None = None):
     """The base model; with `model.quantize`, loaded quantized by bitsandbytes straight onto
-    `device` (quantized weights cannot be moved there afterwards)."""
+    `device` (quantized weights cannot be moved there afterwards).
+
+    transformers' "Loading weights" bar stays off: a tiny base loads in milliseconds, and a
+    real one gets one line of peftkit's own through `say` (when given) instead."""
     from transformers import AutoModelForCausalLM
 
+    name_cpu_for_deepspeed()
     attn = None if model.attn_implementation == "auto" else model.attn_implementation
     quantized = {}
     if model.quantize:
         quantized = {"quantization_config": quantize.bnb_config(model, compute_dtype)}
         if device is not None:
             quantized["device_map"] = {"": device}
+    if say is not None and not model.tiny:
+        say(f"loading the base weights: {path}{_size_note(path)}")
     try:
-        base = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn,
-            revision=model.revision, trust_remote_code=model.trust_remote_code, **quantized)
+        with quiet_progress():
+            base = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn, revision=model.revision,
+                trust_remote_code=model.trust_remote_code, **quantized)
     except OSError as exc:
         raise _offline_error("model", path, exc) from exc
     except ValueError as exc:
@@ -126,6 +136,18 @@ def load_model(path: str, model: Model, dtype: torch.dtype,
     # Training never uses a KV cache; with one, packed samples would attend to each other.
     base.config.use_cache = False
     return base
+
+
+def _size_note(path: str) -> str:
+    """The size of a local folder of weights, as " (16.1 GB)"; "" for a Hub id (its size is
+    not known before it downloads, and the download shows its own bar)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return ""
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+    if not size:
+        return ""
+    return f" ({size / 1e9:.1f} GB)" if size >= 1e9 else f" ({size / 1e6:.0f} MB)"
 
 
 def prepare_for_training(base, model: Model, gradient_checkpointing: bool):

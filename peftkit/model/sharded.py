@@ -1,4 +1,5 @@
-"""Parameters as ZeRO-3 and FSDP2 leave them, and building models whole under ZeRO-3.
+"""Parameters as ZeRO-3 and FSDP2 leave them, building models whole under ZeRO-3, and
+keeping DeepSpeed and transformers quiet where peftkit loads and saves models.
 
 Model-level facts that loading, the memory estimate and the tiny builders need, kept here so
 that none of them has to import the training package (which imports them).
@@ -6,6 +7,7 @@ that none of them has to import the training package (which imports them).
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -61,3 +63,21 @@ def quiet_progress():
     finally:
         if was:
             logging.enable_progress_bar()
+
+
+def name_cpu_for_deepspeed() -> None:
+    """Tell DeepSpeed up front that this machine has no accelerator, where that is so.
+
+    accelerate imports DeepSpeed wherever it is installed (transformers' save_pretrained
+    unwraps models through it, e.g. in `peftkit merge`), and DeepSpeed's import guesses the
+    accelerator, logging "[WARNING] ... Setting accelerator to CPU" when it finds none.
+    DS_ACCELERATOR is DeepSpeed's own setting for that choice; one already set is kept.
+    Called where models load and where tiny ones are built and saved."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch  # slow import: lazy
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    found = accelerator.is_available() if accelerator else torch.cuda.is_available()
+    if not found:
+        os.environ["DS_ACCELERATOR"] = "cpu"

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from peftkit.errors import UserError
-from peftkit.model.sharded import plain_construction, quiet_progress
+from peftkit.model.sharded import name_cpu_for_deepspeed, plain_construction, quiet_progress
 
 # Dimensions per size. Heads divide hidden; kv heads divide heads (exercises GQA).
 SIZES = {
@@ -107,6 +107,7 @@ def build_tiny(name: str, arch: str, size: str) -> Path:
     # Build under a temporary name and rename: concurrent builders (DDP ranks) cannot see
     # a half-written model; the loser of the race discards its copy.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    name_cpu_for_deepspeed()  # saving imports DeepSpeed (when installed), which guesses aloud
     try:
         with quiet_progress():  # a tiny model saves in milliseconds
             model.save_pretrained(tmp)

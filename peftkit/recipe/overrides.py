@@ -14,7 +14,7 @@ from peftkit.recipe.schema import SECTIONS, Recipe, field_types, type_name
 from peftkit.recipe.validate import problems_of
 
 
-def _convert(text: str, tp: Any) -> Any:
+def _convert(text: str, tp: Any, choices: tuple = ()) -> Any:
     """Convert a command-line string to the field type `tp` (raises ValueError)."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -41,6 +41,8 @@ def _convert(text: str, tp: Any) -> Any:
             return int(number)
     if tp is float:
         return float(text)
+    if tp is str and not choices and text.lower() in ("none", "null"):
+        return ""  # no value, as for optional fields: data.eval=null names no dataset "null"
     return text
 
 
@@ -67,11 +69,13 @@ def parse_overrides(items: list[str]) -> tuple[dict[str, dict[str, Any]], list[s
             continue
         cls = SECTIONS.get(section)
         types_ = field_types(cls) if cls else {}
+        choices = {f.name: f.metadata.get("choices") or () for f in dataclasses.fields(cls)
+                   } if cls else {}
         if not dot or cls is None or name not in types_:
             problems.append(f"unknown setting '{key}'{suggest(key, all_keys)}")
             continue
         try:
-            parsed.setdefault(section, {})[name] = _convert(text, types_[name])
+            parsed.setdefault(section, {})[name] = _convert(text, types_[name], choices[name])
         except ValueError:
             problems.append(f"{key}={text!r}: expected {type_name(types_[name])}")
     return parsed, problems

@@ -88,17 +88,19 @@ class Lora:
                                 "rank_pattern (q_proj=16,v_proj=64)")
 
 
-DATA_FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "text")
+DATA_FORMATS = ("auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text")
 
 
 @dataclass(frozen=True)
 class Data:
     train: str = _f("", "training data: a .jsonl/.json/.csv/.parquet file, a Hub dataset id, "
-                        "or peftkit:<asset> for data shipped with peftkit")
+                        "or peftkit:<asset> for data shipped with peftkit; several, mixed: "
+                        "'a.jsonl=0.7, owner/name=0.3' (shares of the mix, sum 1) or "
+                        "'a.jsonl=2x, b.jsonl' (passes over each; 1x without a weight)")
     eval: str = _f("", "held-out data in the same forms; empty = split eval_size rows off train")
     eval_size: int = _f(200, "rows held out from train for evaluation when `eval` is empty")
-    format: str = _f("auto", "record format; auto detects it from the first record's fields",
-                     DATA_FORMATS)
+    format: str = _f("auto", "record format; auto detects it from the fields of each source's "
+                             "first record", DATA_FORMATS)
     max_len: int = _f(1024, "maximum tokens per sample; longer samples are truncated and counted")
     packing: bool = _f(True, "padding-free batches: each micro-batch's samples in one row, "
                              "attention kept inside each sample (same samples and loss as "

@@ -11,6 +11,7 @@ from typing import Any
 from peftkit.adapters.registry import adapter_problems
 from peftkit.errors import ConfigError
 from peftkit.recipe.schema import SECTIONS, Hub, Model, Recipe, field_types, type_name
+from peftkit.recipe.train_sources import eval_problems, parse_train
 
 
 def _check_types(section: str, obj: Any) -> tuple[list[str], list[str]]:
@@ -83,8 +84,7 @@ def problems_of(recipe: Recipe) -> list[str]:
         problems.append(f"adapter.dropout={a.dropout!r}: must be in [0, 1)")
     if not a.targets.strip():
         problems.append("adapter.targets: empty; use all-linear or module names")
-    if not d.train:
-        problems.append("data.train: empty; name a data file or Hub dataset id")
+    problems += parse_train(d.train)[1] + eval_problems(d.eval)  # sources and mix weights
     _positive(problems, "data.max_len", d.max_len)
     _positive(problems, "data.eval_size", d.eval_size, allow_zero=True)
     _positive(problems, "data.max_samples", d.max_samples, allow_zero=True)

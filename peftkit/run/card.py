@@ -7,6 +7,7 @@ from pathlib import Path
 
 from peftkit.adapters.registry import adapter_method
 from peftkit.recipe.schema import Recipe
+from peftkit.recipe.train_sources import parse_train
 
 
 def _is_hub_id(source: str) -> bool:
@@ -27,7 +28,8 @@ def metadata(recipe: Recipe, merged: bool = False) -> str:
         tags=["peftkit", recipe.adapter.method.replace("_", "-")]
         + (["qlora"] if recipe.model.quantize else []) + (["merged"] if merged else [])
         + (["tiny-random"] if tiny else []),
-        datasets=[recipe.data.train] if _is_hub_id(recipe.data.train) else None)
+        datasets=[s.source.partition(":")[0] for s in parse_train(recipe.data.train)[0]
+                  if _is_hub_id(s.source)] or None)
     return card.to_yaml()
 
 
@@ -56,6 +58,21 @@ def merge_section(report: dict) -> str:
         mark = "passed" if check["ok"] else "FAILED"
         lines.append(f"- {check['name']}: {check['summary']} ({mark})")
     return "\n".join(lines) + "\n\n"
+
+
+def data_section(metrics: list[dict]) -> str:
+    """The mix of training sources, as training drew it (metrics.jsonl's data record); ""
+    for one source read once."""
+    data = next((m for m in metrics if m.get("event") == "data"), {})
+    sources = data.get("sources") or []
+    if len(sources) < 2 and not any(s.get("weight") for s in sources):
+        return ""
+    total = sum(s["samples"] for s in sources) or 1
+    rows = ["| source | weight | format | rows | samples per epoch | share |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| `{s['source']}` | {s['weight'] or '1x'} | {s['format']} | {s['rows']:,} | "
+             f"{s['samples']:,} | {100 * s['samples'] / total:.1f}% |" for s in sources]
+    return "## Training data\n\n" + "\n".join(rows) + "\n\n"
 
 
 def _table(evals: dict) -> str:
@@ -110,6 +127,7 @@ def model_card(recipe: Recipe, result, metrics: list[dict], evals: dict | None =
         f"- optimizer steps: {result.steps}; final training loss {result.train_loss:.4f}\n"
         f"- throughput: {result.tokens_per_s:,.0f} useful tokens/s\n"
         + (f"- peak training memory: {peak / 2**20:,.0f} MiB\n" if peak else "") + "\n"
+        + data_section(metrics) +
         f"## Evaluation (held-out data)\n\n{_table(result.evals)}\n{eval_table(evals)}"
         + (f"## Merge\n\n{merge_section(merge)}" if merge is not None else "") +
         "## Training curve\n\n![loss](loss.png)\n\n"

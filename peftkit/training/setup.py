@@ -178,13 +178,9 @@ def setup_data(recipe: Recipe, run: RunSetup) -> TrainData:
 def setup_model(recipe: Recipe, run: RunSetup, base: str) -> TrainModel:
     """The base model, prepared for training, with the adapter attached."""
     t, acc = recipe.train, run.accelerator
-    if not acc.is_main_process:  # one "Loading weights" bar per run, not one per process
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     peak = memory.PeakMemory(acc.device)  # from here on: the model and its training
     model = load_model(base, recipe.model, run.precision.dtype, run.precision.compute_dtype,
-                       acc.device)
+                       acc.device, say=print if acc.is_main_process else None)
     # Padding-free batches where the attention kernel can keep samples apart (packing.py).
     # (Prompt tuning prepends its virtual tokens to a whole row: its samples cannot share one.)
     method = adapter_method(recipe.adapter)

@@ -5,7 +5,9 @@ optimizer step (`StopRequest.requested`), finishes that step, writes a checkpoin
 `Interrupted`; the CLI prints one line with the command that resumes the run and exits with
 the shell's code for the signal, 128 + N: 130 for SIGINT, 143 for SIGTERM. A second signal
 acts at once, as if peftkit had not intercepted the first (KeyboardInterrupt for SIGINT,
-termination for SIGTERM). Before and after the loop the previous handlers are in place.
+termination for SIGTERM). Before and after the loop the previous handlers are in place. A
+signal ignored when the loop starts stays ignored, as Python leaves it: a shell starts
+background jobs with SIGINT ignored so that a Ctrl-C meant for the foreground spares them.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (e.g. a notebook's worker thread)
         for sig in SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # ignored on purpose by whoever started us (`cmd &` in a script)
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
 

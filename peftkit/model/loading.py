@@ -13,7 +13,8 @@ from peftkit.model import quantize
 from peftkit.recipe.schema import Launch, Lora, Model
 from peftkit.errors import UserError
 from peftkit.model.sharded import name_cpu_for_deepspeed, numel, quiet_progress
-from peftkit.model.tiny import build_tiny, tokenizer_dir
+from peftkit.model.tiny import tokenizer_dir
+from peftkit.model import sources
 
 # Tokenizers that ship without a chat template (base models) get peftkit's own: a plain,
 # prefix-stable "User:/Assistant:" layout (the one the tiny models use).
@@ -56,8 +57,9 @@ def resolve_precision(model: Model, launch: Launch, device_type: str,
 
 
 def base_path(model: Model) -> str:
-    """Where the base weights come from: the tiny form's cache directory, or name/path."""
-    return str(build_tiny(model.name, model.arch, model.tiny_size)) if model.tiny else model.name
+    """Where the base weights come from: a local directory (tiny form, converted GGUF, the
+    user's own) or a Hub id (peftkit/model/sources.py)."""
+    return sources.resolve(model)
 
 
 def _offline_error(what: str, name: str, exc: Exception) -> UserError:
@@ -135,6 +137,9 @@ def load_model(path: str, model: Model, dtype: torch.dtype,
         quantize.keep_cpu_layout_trainable(base)
     # Training never uses a KV cache; with one, packed samples would attend to each other.
     base.config.use_cache = False
+    # peft names the base in adapter_config.json after this: the Hub id, even when the
+    # weights came from a converted GGUF in peftkit's cache.
+    base.name_or_path = sources.hub_id(model) or base.name_or_path
     return base
 
 

@@ -6,6 +6,7 @@ import functools
 
 from peftkit.model.loading import attach_adapter, count_parameters
 from peftkit.model.shapes import known_config
+from peftkit.model.sources import gguf_config
 from peftkit.model.tiny import infer_arch, tiny_config, tokenizer_dir
 from peftkit.recipe.schema import Recipe
 
@@ -23,14 +24,19 @@ def base_config(recipe: Recipe):
         special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id)
         return tiny_config(arch, m.tiny_size, len(tok), special), f"tiny form ({m.tiny_size})"
+    if m.gguf_file or m.name.lower().endswith(".gguf"):
+        return gguf_config(m), "the GGUF file's metadata"
     try:
         return AutoConfig.from_pretrained(m.name, revision=m.revision,
                                           trust_remote_code=m.trust_remote_code), "config.json"
     except OSError:
         config = known_config(m.name)
+        if config is not None:
+            return config, "peftkit's table of published shapes (Hub unreachable)"
+        config = gguf_config(m)
         if config is None:
             return None, "unavailable (Hub unreachable and the model is not in peftkit's table)"
-        return config, "peftkit's table of published shapes (Hub unreachable)"
+        return config, "the GGUF metadata of its offline copy (Hub unreachable)"
 
 
 def parameter_counts(recipe: Recipe) -> tuple[int, int, str] | None:

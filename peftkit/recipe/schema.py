@@ -30,7 +30,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class Model:
-    name: str = _f("", "Hub id or local path of the base model")
+    name: str = _f("", "Hub id or local path of the base model, or a .gguf file (converted "
+                       "once to a transformers checkpoint in peftkit's cache)")
+    gguf_file: str = _f("", "take the weights of model.name from this GGUF file: a file in the "
+                            "Hub repo or local directory model.name, or a path")
     arch: str = _f("", "transformers model_type (llama, qwen2, mistral, ...); inferred from the "
                        "name when empty; needed to build the tiny form offline")
     tiny: bool = _f(False, "build a tiny, random-weight model of the same architecture offline "

@@ -59,6 +59,17 @@ def _quantization_problems(m: Model) -> list[str]:
     return problems
 
 
+def _gguf_problems(m: Model) -> list[str]:
+    if not m.gguf_file:
+        return []
+    if m.name.lower().endswith(".gguf"):
+        return [f"model.gguf_file={m.gguf_file!r}: model.name is a GGUF file already; set "
+                "one of the two"]
+    if not m.gguf_file.lower().endswith(".gguf"):
+        return [f"model.gguf_file={m.gguf_file!r}: expected a file name ending in .gguf"]
+    return []
+
+
 def problems_of(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     choice_problems: list[str] = []
@@ -77,6 +88,7 @@ def problems_of(recipe: Recipe) -> list[str]:
     if not m.name:
         problems.append("model.name: empty; name a Hub model id or a local path")
     problems += _quantization_problems(m)
+    problems += _gguf_problems(m)
     problems += adapter_problems(m, a)
     _positive(problems, "adapter.r", a.r)
     _positive(problems, "adapter.alpha", a.alpha)

@@ -20,9 +20,11 @@ def metadata(recipe: Recipe, merged: bool = False) -> str:
     transformers), an adapter a peft one."""
     from huggingface_hub import ModelCardData
 
+    from peftkit.model.sources import hub_id
+
     tiny = recipe.model.tiny
     card = ModelCardData(
-        base_model=None if tiny else recipe.model.name,
+        base_model=hub_id(recipe.model) or None,
         library_name="transformers" if merged else "peft", pipeline_tag="text-generation",
         license=recipe.hub.license or None,
         tags=["peftkit", recipe.adapter.method.replace("_", "-")]

@@ -29,3 +29,6 @@ def quiet_libraries() -> None:
     # PiSSA/OLoRA checkpoints keep the unconverted adapter on purpose (resume needs it); the
     # final adapter is converted to a plain LoRA (adapters' save_adapter), as peft advises.
     warnings.filterwarnings("ignore", message="(PiSSA|OLoRA) changes the base weights")
+    # peft asks the Hub for the base's config.json to spot a resized vocabulary; peftkit never
+    # resizes it, and offline (a Hub id served by a converted GGUF) the question just fails.
+    warnings.filterwarnings("ignore", message="Could not find a config file in")

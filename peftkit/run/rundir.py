@@ -131,7 +131,10 @@ def prepare(path: Path, overwrite: bool, resume: bool) -> None:
 
 
 def write_recipe(path: Path, recipe: Recipe, source: str, base: str) -> None:
+    from peftkit.model.sources import record
+
     doc = {"name": recipe.name, "source": source, "base_path": base,
+           "weights": record(recipe.model, base),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
            "recipe": recipe.to_dict()}
     write_json(RunDir(path).recipe_file, doc)

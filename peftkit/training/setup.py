@@ -134,6 +134,10 @@ def setup_run(recipe: Recipe, resume: bool | str, overwrite: bool) -> RunSetup:
     """The accelerator, the run directory and the checkpoint to resume, all checked."""
     from accelerate.utils import set_seed
 
+    # A tiny base is built (once, then cached) before the processes connect: once they have,
+    # transformers writes weights on global rank 0 only, and every machine needs its own copy
+    # unless they share a filesystem. Concurrent builders are safe (tiny.py renames into place).
+    base_path(recipe.model)
     acc, precision = make_accelerator(recipe)
     path = rundir.run_dir(recipe)
     notes = list(precision.notes)
@@ -187,9 +191,7 @@ def _find_checkpoint(acc, path: Path, resume: bool | str, overwrite: bool) -> tu
 def setup_data(recipe: Recipe, run: RunSetup) -> TrainData:
     """Tokenizer, train/eval examples and this process's batch stream."""
     t, acc = recipe.train, run.accelerator
-    # A tiny base is built once per machine; transformers writes weights on rank 0 only.
-    with acc.local_main_process_first():
-        base = base_path(recipe.model)
+    base = base_path(recipe.model)  # built by setup_run
     tokenizer, tokenizer_changed = load_tokenizer(base, recipe.model)
     train_ex, eval_ex, prompts, stats = dataset.build(recipe.data, tokenizer, t.seed)
     try:

@@ -1,9 +1,10 @@
 """Two real gloo processes on CPU, started the way users start them (`--nproc 2`): DDP,
 FSDP2 (torch's fully_shard over gloo, through accelerate's FSDP2 path) and DeepSpeed ZeRO-2/3
-(through accelerate's DeepSpeed launcher and plugin).
+(through accelerate's DeepSpeed launcher and plugin); two machines played by two launchers on
+127.0.0.1; resuming on another number of processes.
 
 Each launch costs ~15-40 s (two workers importing torch/transformers/deepspeed), so there are
-nine; every strategy is compared with the same DDP run.
+few; every strategy is compared with the same DDP run.
 """
 
 import json
@@ -23,7 +24,7 @@ from peftkit.data.batching import Position
 from peftkit.errors import UserError
 from peftkit.recipe import registry
 from peftkit.recipe.overrides import apply_overrides
-from peftkit.training import checkpoint
+from peftkit.training import checkpoint, launcher
 from peftkit.training import resume as resuming
 from peftkit.training.loop import train
 
@@ -259,6 +260,20 @@ def test_deepspeed_zero3_shards_weights_trains_like_ddp_and_resumes(ddp_run, tmp
     assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-6)
     a, b = adapter(copy), adapter(path)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_the_launch_command_counts_processes_over_all_machines():
+    """--nproc is per machine; accelerate's --num_processes is the total."""
+    topology = launcher.Topology(2, 2, 1, "10.0.0.1", 29500)
+    cmd, env = launcher.accelerate_command(topology, ["demo"], cuda=True)
+    assert launcher.shown(cmd, env) == (
+        "accelerate launch --num_processes 4 --num_machines 2 --machine_rank 1 "
+        "--main_process_ip 10.0.0.1 --main_process_port 29500 --dynamo_backend no --multi_gpu "
+        "-m peftkit train demo")
+    with pytest.raises(UserError, match="--machine_rank 2: with --num_machines 2 it must be"):
+        launcher.accelerate_command(launcher.Topology(1, 2, 2, "10.0.0.1"), ["demo"], True)
+    with pytest.raises(UserError, match="needs --main_process_ip"):
+        launcher.accelerate_command(launcher.Topology(1, 2, 1), ["demo"], True)
 
 
 def two_machines(outs, *extra, settings=SETTINGS):

@@ -115,6 +115,14 @@ def edit_state(**changes):
     return resealed(change)
 
 
+def zero_partitions(ckpt, tmp):
+    """As DeepSpeed ZeRO writes it on 2 processes: one optimizer partition each."""
+    shutil.copy(ckpt / "optimizer.pt", ckpt / "optimizer-rank1.pt")
+    (ckpt / "optimizer.pt").rename(ckpt / "optimizer-rank0.pt")
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "world_size": 2}))
+
+
 class Evil:
     """A pickle that runs a command when unpickled: torch.load(weights_only=True) refuses it."""
 
@@ -338,8 +346,13 @@ CASES = [
     ("another run's checkpoint into this run", with_run(lambda c, t: shutil.copytree(
         c, t / "elsewhere" / "step-3")), [*TRAIN, "--resume", "elsewhere/step-3"],
      ["belongs to another run directory", "runs/demo already holds a run", "name=NEW"]),
-    ("written by 2 processes", with_run(edit_state(world_size=2)), [*TRAIN, "--resume"],
-     ["written by 2 processes", "--nproc 2"]),
+    ("another process count and global batch", with_run(edit_state(world_size=2)),
+     [*TRAIN, "train.grad_accum=3", "--resume"],
+     [DIFFERENT, "train.grad_accum: 1 -> 3 (the global batch",
+      "4 x 1 x 2 = 8 rows, now 4 x 3 x 1 = 12"]),
+    ("ZeRO partitions of 2 processes", with_run(resealed(zero_partitions)),
+     [*TRAIN, "--resume"], ["optimizer state is partitioned over 2 processes",
+                            "resume with 2 processes"]),
     # --- the final adapter of a run, as eval and generate load it --------------------------
     ("final adapter truncated", with_run(lambda c, t: truncate("adapter_model.safetensors")(
         t / "runs" / "demo" / "adapter", t)), ["eval", "runs/demo", "--limit", "2"],

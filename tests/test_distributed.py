@@ -1,23 +1,31 @@
 """Two real gloo processes on CPU, started the way users start them (`--nproc 2`): DDP,
 FSDP2 (torch's fully_shard over gloo, through accelerate's FSDP2 path) and DeepSpeed ZeRO-2/3
-(through accelerate's DeepSpeed launcher and plugin).
+(through accelerate's DeepSpeed launcher and plugin); two machines played by two launchers on
+127.0.0.1; resuming on another number of processes.
 
 Each launch costs ~15-40 s (two workers importing torch/transformers/deepspeed), so there are
-nine; every strategy is compared with the same DDP run.
+few; every strategy is compared with the same DDP run.
 """
 
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from peftkit.data.batching import Position
+from peftkit.errors import UserError
 from peftkit.recipe import registry
 from peftkit.recipe.overrides import apply_overrides
+from peftkit.training import checkpoint, launcher
+from peftkit.training import resume as resuming
 from peftkit.training.loop import train
 
 SETTINGS = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0",
@@ -25,13 +33,17 @@ SETTINGS = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0
             "train.max_steps=4", "train.save_every=2", "train.scheduler=linear"]
 
 
-def launch(out, *extra, name="demo", settings=SETTINGS):
+def command(out, *extra, name="demo", settings=SETTINGS, nproc=2):
+    return [sys.executable, "-m", "peftkit", "train", name, "--nproc", str(nproc), *settings,
+            "train.batch_size=2", "train.grad_accum=2", f"train.output_dir={out}", *extra]
+
+
+def launch(out, *extra, name="demo", settings=SETTINGS, nproc=2):
     """`peftkit train NAME --nproc 2` in a subprocess, each optimizer step two micro-batches
     of 2 per process (global batch 8, as one process with batch 8); returns the
     CompletedProcess."""
-    cmd = [sys.executable, "-m", "peftkit", "train", name, "--nproc", "2", *settings,
-           "train.batch_size=2", "train.grad_accum=2", f"train.output_dir={out}", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ)
+    return subprocess.run(command(out, *extra, name=name, settings=settings, nproc=nproc),
+                          capture_output=True, text=True, timeout=300, env=os.environ)
 
 
 def metrics(path):
@@ -125,13 +137,12 @@ def test_fsdp_trains_the_same_adapter_as_ddp_with_sharded_state(fsdp_run, ddp_ru
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
-    # Each process wrote its own optimizer shard: about half of DDP's full optimizer state.
+    # The optimizer shards were gathered into one whole state (so that any number of
+    # processes can resume it): about the size of DDP's.
     ckpt, full = fsdp_path / "checkpoints" / "step-4", ddp_path / "checkpoints" / "step-4"
-    shards = sorted(ckpt.glob("optimizer-rank*.pt"))
-    assert [p.name for p in shards] == ["optimizer-rank0.pt", "optimizer-rank1.pt"]
-    assert not (ckpt / "optimizer.pt").exists()
+    assert not list(ckpt.glob("optimizer-rank*.pt"))
     whole = (full / "optimizer.pt").stat().st_size
-    assert all(p.stat().st_size < 0.75 * whole for p in shards)
+    assert (ckpt / "optimizer.pt").stat().st_size == pytest.approx(whole, rel=0.25)
 
 
 def test_fsdp_resume_continues_the_trajectory(fsdp_run, tmp_path):
@@ -144,6 +155,41 @@ def test_fsdp_resume_continues_the_trajectory(fsdp_run, tmp_path):
     assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-6)
     a, b = adapter(copy), adapter(path)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_fsdp_resumes_on_four_processes_a_run_checkpointed_on_two(fsdp_run, tmp_path):
+    """Elastic resume, sharded: the whole optimizer state of step 2 is resharded over 4
+    processes; grad_accum 2 -> 1 keeps the global batch (8 rows), so steps 3-4 train on the
+    same rows and land on the same adapter."""
+    path, _ = fsdp_run
+    copy = tmp_path / "demo"
+    shutil.copytree(path, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-4")
+    proc = launch(tmp_path, "launch.strategy=fsdp", "--resume", nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.grad_accum 2 -> 1 keeps the global batch at 8 rows" in \
+        " ".join(proc.stderr.split())
+    assert "on 4 x cpu (FSDP2" in " ".join(proc.stderr.split())
+    assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-5)
+    a, b = adapter(copy), adapter(path)
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
+    state = json.loads((copy / "checkpoints" / "step-4" / "state.json").read_text())
+    assert state["world_size"] == 4 and state["recipe"]["train"]["grad_accum"] == 1
+
+
+def test_ddp_resumes_in_one_process_a_run_checkpointed_on_two(ddp_run, tmp_path):
+    """Elastic resume, DDP: 2 processes x grad_accum 2 -> 1 process x grad_accum 4."""
+    path, _ = ddp_run
+    copy = tmp_path / "demo"
+    shutil.copytree(path, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-4")
+    recipe = apply_overrides(registry.resolve("demo").recipe,
+                             [*SETTINGS, "train.batch_size=2", "train.grad_accum=2",
+                              f"train.output_dir={tmp_path}"])
+    train(recipe, resume=True)
+    assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-5)
+    a, b = adapter(copy), adapter(path)
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
 
 
 QLORA = ["model.tiny=true", "model.tiny_size=xs", "model.dtype=float32",
@@ -214,6 +260,126 @@ def test_deepspeed_zero3_shards_weights_trains_like_ddp_and_resumes(ddp_run, tmp
     assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-6)
     a, b = adapter(copy), adapter(path)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_the_launch_command_counts_processes_over_all_machines():
+    """--nproc is per machine; accelerate's --num_processes is the total."""
+    topology = launcher.Topology(2, 2, 1, "10.0.0.1", 29500)
+    cmd, env = launcher.accelerate_command(topology, ["demo"], cuda=True)
+    assert launcher.shown(cmd, env) == (
+        "accelerate launch --num_processes 4 --num_machines 2 --machine_rank 1 "
+        "--main_process_ip 10.0.0.1 --main_process_port 29500 --dynamo_backend no --multi_gpu "
+        "-m peftkit train demo")
+    with pytest.raises(UserError, match="--machine_rank 2: with --num_machines 2 it must be"):
+        launcher.accelerate_command(launcher.Topology(1, 2, 2, "10.0.0.1"), ["demo"], True)
+    with pytest.raises(UserError, match="needs --main_process_ip"):
+        launcher.accelerate_command(launcher.Topology(1, 2, 1), ["demo"], True)
+
+
+def two_machines(outs, *extra, settings=SETTINGS):
+    """`peftkit train --nproc 1` as machine ranks 0 and 1 of two machines standing on this
+    one (127.0.0.1), each launcher in its own session as on its own host; machine R trains
+    into outs[R]. Returns the launchers and their stderr files."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs, logs = [], []
+    for rank, out in enumerate(outs):
+        logs.append(out.parent / f"machine{rank}.err")
+        cmd = command(out, *extra, settings=settings, nproc=1) + [
+            "--num_machines", "2", "--machine_rank", str(rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+        with logs[-1].open("w") as err:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                          start_new_session=True))
+    return procs, logs
+
+
+def logged(run) -> bool:
+    """Whether the run has logged a step yet."""
+    try:
+        return bool(step_losses(run))
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet, or a line being written
+        return False
+
+
+def finish(procs, timeout=300):
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_two_machines_train_as_one_world_like_one_process(ddp_run, tmp_path):
+    """--nproc 1 on each of 2 machines: world size 2, the same adapter as 2 processes on one
+    machine (which equals 1 process with the same global batch), one writer."""
+    procs, logs = two_machines([tmp_path, tmp_path])  # one shared filesystem
+    assert finish(procs) == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+    err = [" ".join(log.read_text().split()) for log in logs]
+    for rank in (0, 1):
+        assert (f"accelerate launch --num_processes 2 --num_machines 2 --machine_rank {rank} "
+                "--main_process_ip 127.0.0.1") in err[rank]
+    assert "on 2 x cpu" in err[0]
+    path, (ddp_path, _) = tmp_path / "demo", ddp_run
+    losses, ddp = step_losses(path), step_losses(ddp_path)
+    assert sorted(losses) == [1, 2, 3, 4]  # each step logged once: one writer
+    assert [losses[s] for s in sorted(losses)] == pytest.approx([ddp[s] for s in sorted(ddp)],
+                                                                rel=1e-5)
+    assert sum(1 for r in metrics(path) if r.get("event") == "data") == 1
+    a, b = adapter(path), adapter(ddp_path)
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
+    ckpt = path / "checkpoints" / "step-4"
+    assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+
+
+def test_two_machines_stop_together_on_sigterm_and_resume_needs_the_checkpoint_on_each(
+        tmp_path):
+    """SIGTERM to machine 1's launcher alone (a scheduler taking that host): both machines
+    finish the same step, checkpoint and exit 143. Resuming where machine 1 cannot see the
+    checkpoint (no shared filesystem, not copied): both refuse in one line, exit 2."""
+    long = [*SETTINGS, "train.max_steps=200", "train.save_every=0"]
+    procs, logs = two_machines([tmp_path, tmp_path], settings=long)
+    run = tmp_path / "demo"
+    deadline = time.monotonic() + 300
+    while not logged(run):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            logs[0].read_text()[-3000:]
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    assert finish(procs) == [143, 143], logs[0].read_text()[-3000:]
+    stopped = checkpoint.step_dirs(run / "checkpoints")
+    assert len(stopped) == 1 and sorted(step_losses(run)) == list(
+        range(1, checkpoint.step_of(stopped[0]) + 1))
+    checkpoint.verify(stopped[0])
+    assert "--num_machines 2 --machine_rank R" in logs[0].read_text()  # the resume command
+
+    elsewhere = tmp_path / "machine1"  # what machine 1 sees there: no run directory
+    procs, logs = two_machines([tmp_path, elsewhere], "--resume", settings=long)
+    assert finish(procs) == [2, 2]
+    lines = [[line for line in log.read_text().splitlines() if line.startswith("error: ")]
+             for log in logs]
+    assert "process(es) [1] cannot read it" in lines[0][0] and "shares" in lines[0][0]
+    assert "no complete checkpoint" in lines[1][0]
+
+
+def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path):
+    """grad_accum is scaled to keep batch_size x grad_accum x processes; the data position
+    is recounted in the new micro-batches; what cannot be kept is refused in one line."""
+    recipe = apply_overrides(registry.resolve("demo").recipe,
+                             ["train.batch_size=2", "train.grad_accum=3"])
+    state = {"world_size": 2, "step": 5, "epoch": 1, "index": 6,
+             "recipe": {"train": {"batch_size": 2, "grad_accum": 3}}}
+    (tmp_path / "optimizer.pt").touch()
+    adapted, notes = resuming.rebatch(tmp_path, state, recipe, 3)
+    assert adapted.train.grad_accum == 2 and "grad_accum 3 -> 2" in notes[0]
+    assert resuming.position(tmp_path, state, adapted, 3) == Position(1, 4)  # 24 rows in
+    assert resuming.rebatch(tmp_path, state, recipe, 2) == (recipe, [])
+    with pytest.raises(UserError, match="cannot be split over 4 processes"):
+        resuming.rebatch(tmp_path, state, recipe, 4)
+    with pytest.raises(UserError, match="falls inside a micro-batch of 3 processes"):
+        resuming.position(tmp_path, {**state, "index": 1}, adapted, 3)
 
 
 def test_bad_input_inside_the_workers_is_one_line_and_exit_2(tmp_path):

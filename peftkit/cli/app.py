@@ -65,7 +65,8 @@ def _main(argv: list[str] | None = None) -> int:
     except (UserError, RunError) as exc:  # one line, no traceback (see errors.py)
         if args.debug:
             traceback.print_exc()
-        if os.environ.get("RANK", "0") == "0":  # workers all fail alike: say it once
+        # Workers all fail alike: say it once per machine (each machine's own launcher).
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(_one_line_report(exc, args), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ examples:
   peftkit train qwen2.5-7b-lora model.tiny=true data.train=my.jsonl
   peftkit train demo --resume
   peftkit train demo --nproc 2            # 2 processes via accelerate launch
+  peftkit train demo --nproc 2 --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1
   accelerate launch -m peftkit train demo
   peftkit train demo --report-to tensorboard   # logs to runs/demo/tb/
   peftkit train demo adapter.use_dora=true adapter.loraplus_lr_ratio=16"""
@@ -40,9 +41,12 @@ def add_parser(subparsers) -> None:
         "inside `accelerate launch`/torchrun these are ignored")
     launch.add_argument("--nproc", type=int, default=0, metavar="N",
                         help="processes per machine (default: the recipe's launch.num_processes)")
-    launch.add_argument("--num_machines", type=int, default=1, metavar="M")
-    launch.add_argument("--machine_rank", type=int, default=0, metavar="R")
-    launch.add_argument("--main_process_ip", default=None, metavar="IP")
+    launch.add_argument("--num_machines", type=int, default=1, metavar="M",
+                        help="machines, each running --nproc processes (world size N x M)")
+    launch.add_argument("--machine_rank", type=int, default=0, metavar="R",
+                        help="this machine's rank, 0..M-1 (0 holds the run directory)")
+    launch.add_argument("--main_process_ip", default=None, metavar="IP",
+                        help="address of machine rank 0 (with --num_machines > 1)")
     launch.add_argument("--main_process_port", type=int, default=None, metavar="PORT")
     launch.add_argument("--accelerate-config", dest="accelerate_config", default=None,
                         metavar="FILE", help="an accelerate config file (accelerate config)")
@@ -68,7 +72,9 @@ def cmd_train(args) -> int:
             raise UserError(f"launch.strategy={strategy} shards the training state across "
                             "processes: on CPU run it with --nproc 2 or more, or use "
                             "launch.strategy=ddp")
-        if not args.resume:  # fail now, not in N workers after 10 s of imports each
+        # Fail now, not in N workers after 10 s of imports each. Only on machine rank 0: with a
+        # shared filesystem, the others may start after its workers created the directory.
+        if not args.resume and args.machine_rank == 0:
             rundir.check_target(rundir.run_dir(recipe), args.overwrite)
         topology = launcher.Topology(nproc, args.num_machines, args.machine_rank,
                                      args.main_process_ip, args.main_process_port,
@@ -116,8 +122,13 @@ def _print_summary(result) -> None:
 def resume_command(args) -> str:
     """The `peftkit train` command that continues this run from its newest checkpoint."""
     argv = ["peftkit", "train", args.recipe, *args.overrides, "--resume"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if getattr(args, "nproc", 0):
         argv += ["--nproc", str(args.nproc)]
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a worker of `--nproc N`
-        argv += ["--nproc", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])]
+    elif world > 1:  # a worker of `--nproc N`
+        argv += ["--nproc", str(per_machine)]
+    if world > per_machine:  # one line per machine: the same, with its own --machine_rank
+        argv += ["--num_machines", str(world // per_machine), "--machine_rank", "R",
+                 "--main_process_ip", os.environ.get("MASTER_ADDR", "IP")]
     return shlex.join(argv)

@@ -1,10 +1,15 @@
 """Checkpoints: adapter + optimizer + scheduler + scaler + RNG + data position, crash-safe.
 
-Layout of `checkpoints/step-N/`: `adapter/` (PEFT format), `optimizer.pt` (or one
-`optimizer-rank<R>.pt` per process when sharded), `scheduler.pt`, `scaler.pt` (fp16 only),
+Layout of `checkpoints/step-N/`: `adapter/` (PEFT format), `optimizer.pt` (the whole
+optimizer state, gathered from the shards under FSDP; DeepSpeed ZeRO instead writes one
+`optimizer-rank<R>.pt` per process), `scheduler.pt`, `scaler.pt` (fp16 only),
 `rng-rank<R>.pt` (one per process), `state.json` (step, data position, world size, plus what
 the caller adds: the recipe and a data fingerprint), and `manifest.json` (every file with its
 size and sha256), written last.
+
+The main process (global rank 0) writes all of it, so machines need no shared filesystem to
+checkpoint (except under DeepSpeed, whose partitions each process writes). A whole optimizer
+state is what lets a run resume on another number of processes (resume.py).
 
 A checkpoint is complete iff its manifest exists and matches. It is built under
 `.tmp-step-N`, flushed to disk, and renamed into place; only then are older checkpoints
@@ -110,19 +115,22 @@ def set_rng_state(state: dict) -> None:
 
 def save(root: Path, step: int, position: Position, peft_model, optimizer, scheduler,
          accelerator, keep: int, state_dict: dict | None = None,
-         extra: dict | None = None) -> Path:
-    """Write checkpoint `step` under `root` (all processes call this; each writes its RNG).
+         extra: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write checkpoint `step` under `root` (all processes call this).
 
     `state_dict` is the full adapter state gathered from sharded weights (None where every
-    process holds them); `extra` goes into state.json. A failed write (disk full, permissions)
-    discards the temporary directory and raises RunError; earlier checkpoints are untouched.
+    process holds them); `optimizer_state` the whole optimizer state gathered from FSDP
+    shards (None: `optimizer.state_dict()`); `extra` goes into state.json. A failed write
+    (disk full, permissions) discards the temporary directory and raises RunError; earlier
+    checkpoints are untouched.
     """
-    from peftkit.training.distributed import shards_optimizer
+    from peftkit.training.distributed import uses_deepspeed
 
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     main, rank = accelerator.is_main_process, accelerator.process_index
-    sharded = shards_optimizer(accelerator)
+    partitioned = uses_deepspeed(accelerator)  # ZeRO: each process writes its partition
     scaler = getattr(accelerator, "scaler", None)  # fp16 only
+    rngs = _gather(accelerator, rng_state())  # every process's, written by the main one
 
     def start():
         if main:
@@ -130,14 +138,16 @@ def save(root: Path, step: int, position: Position, peft_model, optimizer, sched
             tmp.mkdir(parents=True)
 
     def write():
-        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-        if sharded:  # FSDP, ZeRO: each process holds (and writes) its optimizer shard
+        if partitioned:
             torch.save(optimizer.state_dict(), tmp / f"optimizer-rank{rank}.pt")
         if not main:
             return
+        for r, rng in enumerate(rngs):
+            torch.save(rng, tmp / f"rng-rank{r}.pt")
         peft_model.save_pretrained(tmp / "adapter", state_dict=state_dict)
-        if not sharded:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not partitioned:
+            torch.save(optimizer_state if optimizer_state is not None
+                       else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
@@ -155,6 +165,15 @@ def save(root: Path, step: int, position: Position, peft_model, optimizer, sched
         _prune(root, step, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _gather(accelerator, item) -> list:
+    """`item` of every process, in rank order (on every process)."""
+    if accelerator.num_processes == 1:
+        return [item]
+    from accelerate.utils import gather_object  # accelerate is loaded already
+
+    return gather_object([item])
 
 
 def _together(accelerator, stage, root: Path, tmp: Path, step: int) -> None:
@@ -273,9 +292,13 @@ def load_adapter(path: Path, peft_model) -> None:
         raise _unreadable(path, exc) from exc
 
 
-def load(path: Path, optimizer, scheduler, accelerator) -> tuple[int, Position]:
+def load(path: Path, optimizer, scheduler, accelerator,
+         loss_module=None) -> tuple[int, Position]:
     """Restore the rest of a checkpoint written by `save` (after `load_adapter` and
-    `prepare`); returns (step, data position).
+    `prepare`; `loss_module` as prepared, for FSDP to reshard the optimizer state); returns
+    (step, data position as saved). The number of processes may differ from the
+    checkpoint's (resume.py has checked that it can); a process with no RNG state of its own
+    in it takes that of rank `rank % saved processes`.
 
     Only tensors and plain containers are read: safetensors for the adapter and
     `torch.load(weights_only=True)` for the rest, which refuses arbitrary pickled objects.
@@ -283,21 +306,24 @@ def load(path: Path, optimizer, scheduler, accelerator) -> tuple[int, Position]:
     from peftkit.training.distributed import checkpoint_classes, load_optimizer_state
 
     state = verify(path)
-    if state["world_size"] != accelerator.num_processes:
-        raise UserError(f"{path} was written by {state['world_size']} processes, this run has "
-                        f"{accelerator.num_processes}; resume with the same number")
     rank = accelerator.process_index
-    optim_file = path / "optimizer.pt"
-    if not optim_file.is_file():  # written sharded, one file per process (FSDP, ZeRO)
-        optim_file = path / f"optimizer-rank{rank}.pt"
+    optim_file, whole = path / "optimizer.pt", True
+    if not optim_file.is_file():  # one partition per process (ZeRO; FSDP of older peftkit)
+        optim_file, whole = path / f"optimizer-rank{rank}.pt", False
+        if state["world_size"] != accelerator.num_processes:
+            raise UserError(f"{path}: its optimizer state is partitioned over "
+                            f"{state['world_size']} processes, this run has "
+                            f"{accelerator.num_processes}; resume with the same number")
     scaler = getattr(accelerator, "scaler", None)
     try:
         with torch.serialization.safe_globals(checkpoint_classes(accelerator)):
-            load_optimizer_state(accelerator, optimizer, _load_plain(optim_file, path))
+            load_optimizer_state(accelerator, optimizer, _load_plain(optim_file, path),
+                                 loss_module if whole else None)
         scheduler.load_state_dict(_load_plain(path / "scheduler.pt", path))
         if scaler is not None and (path / "scaler.pt").is_file():
             scaler.load_state_dict(_load_plain(path / "scaler.pt", path))
-        set_rng_state(_load_plain(path / f"rng-rank{rank}.pt", path))
+        rng_rank = rank if rank < state["world_size"] else rank % state["world_size"]
+        set_rng_state(_load_plain(path / f"rng-rank{rng_rank}.pt", path))
     except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, OSError) as exc:
         raise _unreadable(path, exc) from exc
     return state["step"], Position(state["epoch"], state["index"])

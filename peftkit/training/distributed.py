@@ -196,9 +196,34 @@ def checkpoint_classes(accelerator) -> list:
     return [LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
 
 
-def load_optimizer_state(accelerator, optimizer, state: dict) -> None:
-    """Load this process's optimizer state (its shard under FSDP and ZeRO)."""
+def whole_optimizer_state(accelerator, loss_module, optimizer) -> dict | None:
+    """The optimizer state to checkpoint as one file (all processes must call this): under
+    FSDP gathered from the shards onto the main process's CPU (the others get {}), keyed by
+    parameter name; under DDP torch's own; None under DeepSpeed, whose ZeRO partitions each
+    process writes. An adapter's optimizer state is small, and one whole copy is what lets
+    a run resume on another number of processes (FSDP reshards it on load)."""
     if uses_deepspeed(accelerator):
+        return None
+    if uses_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+
+        return get_optimizer_state_dict(loss_module, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(accelerator, optimizer, state: dict, loss_module=None) -> None:
+    """Load this process's optimizer state: its ZeRO partition; under FSDP the whole state of
+    `whole_optimizer_state` (given `loss_module`: each process keeps its own shard of it, for
+    any number of processes) or a shard of an older checkpoint (same number of processes)."""
+    if uses_fsdp(accelerator) and loss_module is not None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+
+        set_optimizer_state_dict(loss_module, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+    elif uses_deepspeed(accelerator):
         # ZeRO optimizers take one state per data-parallel rank and read their own; the fp32
         # master partitions are restored exactly, not recomputed from 16-bit weights.
         shards = [None] * accelerator.num_processes

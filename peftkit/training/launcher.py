@@ -41,6 +41,16 @@ def in_distributed_worker() -> bool:
     return "LOCAL_RANK" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
 
 
+def check_machines(t: Topology) -> None:
+    """Refuse, in one line, a multi-machine launch that could not rendezvous."""
+    if not t.main_process_ip:
+        raise UserError("--num_machines > 1 needs --main_process_ip (the address of "
+                        "machine rank 0) and --machine_rank on every machine")
+    if not 0 <= t.machine_rank < t.num_machines:
+        raise UserError(f"--machine_rank {t.machine_rank}: with --num_machines "
+                        f"{t.num_machines} it must be 0..{t.num_machines - 1}, one per machine")
+
+
 def accelerate_command(topology: Topology, train_args: list[str], cuda: bool) -> tuple[list[str], dict]:
     """The `accelerate launch` argv and the extra environment for it."""
     t = topology
@@ -48,11 +58,11 @@ def accelerate_command(topology: Topology, train_args: list[str], cuda: bool) ->
     env: dict[str, str] = {}
     if t.config_file:
         cmd += ["--config_file", t.config_file]
-    cmd += ["--num_processes", str(t.nproc), "--num_machines", str(t.num_machines)]
+    # accelerate's --num_processes is the total over all machines; --nproc is per machine.
+    cmd += ["--num_processes", str(t.nproc * t.num_machines), "--num_machines",
+            str(t.num_machines)]
     if t.num_machines > 1:
-        if not t.main_process_ip:
-            raise UserError("--num_machines > 1 needs --main_process_ip (the address of "
-                            "machine rank 0) and --machine_rank on every machine")
+        check_machines(t)
         cmd += ["--machine_rank", str(t.machine_rank), "--main_process_ip", t.main_process_ip]
     if t.main_process_port:
         cmd += ["--main_process_port", str(t.main_process_port)]
@@ -112,7 +122,8 @@ def run(topology: Topology, train_args: list[str], cuda: bool) -> int:
 
 
 def report_status(code: int) -> None:
-    """Called by a worker on exit: the main worker tells the launcher how it ended."""
+    """Called by a worker on exit: each machine's main worker (LOCAL_RANK 0) tells its own
+    launcher how it ended, so every machine's `peftkit train` exits like the run did."""
     path = os.environ.get(STATUS_ENV)
-    if path and os.environ.get("RANK", "0") == "0":
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
         Path(path).write_text(str(code))

@@ -60,6 +60,7 @@ def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
     # --- setup: check everything cheap before loading any weights, and write nothing before
     # the inputs have passed: a run that fails to start leaves no run directory behind --------
     run = setup_run(recipe, resume, overwrite)
+    recipe = run.recipe  # resuming on another number of processes adapts train.grad_accum
     data = setup_data(recipe, run)
     model = setup_model(recipe, run, data.base_path)
     opt = setup_optimizer(recipe, run, data, model)
@@ -161,7 +162,8 @@ def _run_steps(state: TrainingState, show: TrainProgress, log: tracking.TrackedL
                             state.model.peft_model, opt.optimizer.optimizer, opt.scheduler, acc,
                             t.keep_checkpoints,
                             full_state_dict(acc, opt.loss_module, state.model.peft_model),
-                            extra=meta)
+                            extra=meta, optimizer_state=distributed.whole_optimizer_state(
+                                acc, opt.loss_module, opt.optimizer.optimizer))
         if signum:
             show.close()
             raise signals.Interrupted(signum, step, RunDir(path).checkpoint(step))

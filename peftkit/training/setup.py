@@ -19,7 +19,7 @@ import torch
 
 from peftkit.adapters.registry import adapter_method
 from peftkit.data import dataset, packing
-from peftkit.data.batching import BatchStream
+from peftkit.data.batching import BatchStream, Position
 from peftkit.data.example import Example, Prompt
 from peftkit.errors import UserError
 from peftkit.model import compiled, fused_lora, memory, quantize
@@ -43,10 +43,13 @@ class RunSetup:
     """Where and how this process trains: accelerate's view, the run directory, the resume
     point. Built before anything is loaded or written."""
     accelerator: Accelerator
+    recipe: Recipe              # as given; resuming on another number of processes, with
+                                # train.grad_accum adapted to keep the global batch
     precision: Precision
     path: Path                  # the run directory (not created yet)
     resume_from: Path | None    # the checkpoint to continue from
     saved: dict | None          # its state.json, checked against its manifest
+    position: Position | None   # its data position, in this run's micro-batches
     fresh: bool                 # a new run directory: not continuing this run's own checkpoint
     notes: list[str]            # shown when the steps start; later phases add theirs
 
@@ -131,16 +134,23 @@ def setup_run(recipe: Recipe, resume: bool | str, overwrite: bool) -> RunSetup:
     """The accelerator, the run directory and the checkpoint to resume, all checked."""
     from accelerate.utils import set_seed
 
+    # A tiny base is built (once, then cached) before the processes connect: once they have,
+    # transformers writes weights on global rank 0 only, and every machine needs its own copy
+    # unless they share a filesystem. Concurrent builders are safe (tiny.py renames into place).
+    base_path(recipe.model)
     acc, precision = make_accelerator(recipe)
     path = rundir.run_dir(recipe)
     notes = list(precision.notes)
     quantize.require_bitsandbytes(recipe.model, recipe.adapter, acc.device.type)
     if recipe.hub.push_at_end:
         hub.require_token()  # now, not after hours of training
-    resume_from = resuming.find(path, resume, overwrite) if resume else None
-    saved = checkpoint.verify(resume_from) if resume_from is not None else None
-    if saved is not None:
-        notes += resuming.check_recipe(resume_from, saved, recipe, acc.num_processes, path)
+    resume_from, saved, position = None, None, None
+    if resume:
+        resume_from, saved = _find_checkpoint(acc, path, resume, overwrite)
+        recipe, changed = resuming.check_recipe(resume_from, saved, recipe, acc.num_processes,
+                                                path)
+        notes += changed
+        position = resuming.position(resume_from, saved, recipe, acc.num_processes)
     # A new run directory, unless resuming this run (not when branching off another's).
     fresh = resume_from is None or not resuming.continues(path, resume_from)
     if fresh:
@@ -149,15 +159,39 @@ def setup_run(recipe: Recipe, resume: bool | str, overwrite: bool) -> RunSetup:
         print(f"note: model.trust_remote_code=true: running the modelling code shipped with "
               f"{recipe.model.name}", file=sys.stderr, flush=True)
     set_seed(recipe.train.seed)
-    return RunSetup(acc, precision, path, resume_from, saved, fresh, notes)
+    return RunSetup(acc, recipe, precision, path, resume_from, saved, position, fresh, notes)
+
+
+def _find_checkpoint(acc, path: Path, resume: bool | str, overwrite: bool) -> tuple[Path, dict]:
+    """The checkpoint to resume and its state, found and verified by every process: all of
+    them refuse together (none waits forever for the others) when any cannot read it, or
+    when machines see different checkpoints (no shared filesystem: each needs a copy)."""
+    error = found = saved = None
+    try:
+        found = resuming.find(path, resume, overwrite)
+        saved = checkpoint.verify(found)
+    except UserError as exc:
+        error = exc
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object  # accelerate is loaded already
+
+        seen = gather_object([(None if found is None else found.name, bool(error))])
+        ranks = [rank for rank, (_, failed) in enumerate(seen) if failed]
+        if error is None and (ranks or len(set(seen)) > 1):
+            which = f"process(es) {ranks} cannot read it" if ranks else \
+                f"processes see different checkpoints ({sorted({s[0] for s in seen})})"
+            raise UserError(f"--resume {found}: {which}; checkpoints are written by the global "
+                            "main process (rank 0) only: put the run directory on a filesystem "
+                            "every machine shares, or copy it to the same path on each machine")
+    if error is not None:
+        raise error
+    return found, saved
 
 
 def setup_data(recipe: Recipe, run: RunSetup) -> TrainData:
     """Tokenizer, train/eval examples and this process's batch stream."""
     t, acc = recipe.train, run.accelerator
-    # A tiny base is built once per machine; transformers writes weights on rank 0 only.
-    with acc.local_main_process_first():
-        base = base_path(recipe.model)
+    base = base_path(recipe.model)  # built by setup_run
     tokenizer, tokenizer_changed = load_tokenizer(base, recipe.model)
     train_ex, eval_ex, prompts, stats = dataset.build(recipe.data, tokenizer, t.seed)
     try:
@@ -218,6 +252,7 @@ def setup_optimizer(recipe: Recipe, run: RunSetup, data: TrainData,
 
     start = 0
     if run.resume_from is not None:
-        start, data.stream.position = checkpoint.load(run.resume_from, optimizer.optimizer,
-                                                      scheduler, acc)
+        start, _ = checkpoint.load(run.resume_from, optimizer.optimizer, scheduler, acc,
+                                   loss_module)
+        data.stream.position = run.position
     return Optimization(loss_module, optimizer, scheduler, params, start)

@@ -120,8 +120,9 @@ def test_qlora_merge_is_done_unquantized_and_reports_the_deviation(qlora_run, tm
     report = json.loads((out / "merge_report.json").read_text())
     assert report["ok"] and report["dequantized_from"] == "nf4"
     assert check(report, "merge exact")["max_abs_logit_diff"] <= 1e-4
-    dequantized = check(report, "dequantized base")
-    assert dequantized["max_abs_logit_diff"] > 1e-4  # nf4 rounding, measured and reported
+    # nf4 rounding, measured and reported: in the base's original weights, not merged into
+    original = report["target"]["candidates"]["original"]
+    assert original["max_abs_logit_diff"] > 1e-4 and "dequantized base" in printed
     as_trained = check(report, "as trained")
     assert as_trained["precision"] == "fp32"
     # The adapter on the reloaded 4-bit base is the model training measured: same weights,
@@ -131,6 +132,50 @@ def test_qlora_merge_is_done_unquantized_and_reports_the_deviation(qlora_run, tm
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert getattr(merged.config, "quantization_config", None) is None
     assert all(p.dtype == torch.float32 for p in merged.parameters())
+
+
+def test_qlora_merge_measures_both_targets_and_merges_into_the_closer(qlora_run, tmp_path,
+                                                                      capsys):
+    """Original-precision weights vs the nf4-dequantized ones, each with the adapter, against
+    the adapter on the nf4 base: the dequantized weights are what the adapter was trained on,
+    so they win, and the merged model reproduces the trained one (to float32 rounding)."""
+    from peftkit.card import merge_section
+
+    out = tmp_path / "merged"
+    rc, printed, err = merge(capsys, qlora_run, out)
+    assert rc == 0, err
+    report = json.loads((out / "merge_report.json").read_text())
+    target = report["target"]
+    original, dequantized = target["candidates"]["original"], target["candidates"]["dequantized"]
+    assert target["chosen"] == "dequantized" and "merge target:" in printed
+    assert dequantized["max_abs_logit_diff"] <= 1e-4 < original["max_abs_logit_diff"]
+    assert dequantized["greedy_agreement"] == 1.0
+    assert abs(dequantized["loss_change"]) <= 1e-5 * target["reference_loss"]
+    dequant_check = check(report, "dequantized base")
+    assert dequant_check["max_abs_logit_diff"] <= 1e-4  # the merged model, not only the adapter
+    assert check(report, "merge exact")["ok"]
+    assert "merge target: " in merge_section(report)
+
+
+def test_qlora_merge_falls_back_to_the_original_weights(qlora_run, tmp_path, capsys,
+                                                       monkeypatch):
+    """When quantizing the weights again does not reproduce the quantized model (here: made
+    to differ), the dequantized target is not used: the original weights are loaded again."""
+    from peftkit import merge as merging
+
+    requantized = merging._requantized
+    monkeypatch.setattr(merging, "_requantized",
+                        lambda weight, info, device: requantized(weight, info, device) * 1.01)
+    out = tmp_path / "merged"
+    rc, _, err = merge(capsys, qlora_run, out)
+    assert rc == 0, err
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["target"]["chosen"] == "original"
+    assert list(report["target"]["candidates"]) == ["original"]
+    assert any("were not measured" in note for note in report["notes"])
+    exact = check(report, "merge exact")  # against the adapter on the reloaded weights
+    assert exact["ok"] and exact["max_abs_logit_diff"] <= 1e-4
+    assert check(report, "dequantized base")["max_abs_logit_diff"] > 1e-4
 
 
 def test_merge_of_a_tampered_adapter_fails_and_is_marked(qlora_run, tmp_path, capsys):

@@ -3,10 +3,16 @@ model behaves as the adapter did, and save a plain transformers model directory.
 
 In this order, so that one full model is in memory at a time:
 1. 4/8-bit base only: the adapter on the quantized base, as it was trained. Its logits on the
-   probe batch are the reference; then it is freed.
+   probe batch are the reference; a digest of each quantized weight, dequantized, is kept;
+   then it is freed.
 2. The base again, unquantized, in the output dtype, with the adapter (peft): its logits.
+   4/8-bit base: two merge targets are measured against the reference (1): the base's
+   original-precision weights, and the same weights quantized and dequantized in place the
+   way the trained model saw them (checked against the digests). The target whose logits are
+   closer to the reference (mean |difference|) is merged into; the original weights are
+   loaded again if they win. Both targets' figures go into merge_report.json ("target").
 3. peft's `merge_and_unload`, in place; the merged model's logits are checked against 2 (the
-   merge itself, exact to the dtype's rounding) and against 1 (what dequantizing the base
+   merge itself, exact to the dtype's rounding) and against 1 (what unquantizing the base
    changed). The model as trained (1, else the merged model) is checked against the loss
    training recorded on the same batch (result.json "probe"): the files on disk must still
    be the model that was trained (same base, intact adapter).
@@ -109,31 +115,49 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", overwrite: 
     batch, probe, source = _probe_batch(recipe, tokenizer, config.vocab_size)
     say(f"probe batch: {source}")
 
-    quantized_ref = None
+    quantized_ref, target, target_notes = None, None, []
     if m.quantize:
         say(f"the adapter was trained on a {m.quantize} base: merging into an unquantized "
-            f"{_name(out_dtype)} copy of the base (never into {m.quantize} weights), checked "
-            f"against the adapter on the {m.quantize} base")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        precision = resolve_precision(m, recipe.launch, device.type)
+            f"{_name(out_dtype)} copy of the base (never into {m.quantize} weights): its "
+            f"original weights or its {m.quantize}-dequantized weights, whichever is closer "
+            f"to the adapter on the {m.quantize} base")
+        quant_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve_precision(m, recipe.launch, quant_device.type)
         model = _with_adapter(load_model(base, m, precision.dtype, precision.compute_dtype,
-                                         device, say=say), run)
-        quantized_ref = _forward(model, batch, device)
+                                         quant_device), run)
+        quantized_ref = _forward(model, batch, quant_device)
+        quantized = _quantized_weights(model)
         del model  # before the unquantized copy loads: one model in memory at a time
         gc.collect()
         torch.cuda.empty_cache()
-    model = load_model(base, dataclasses.replace(m, quantize=None), out_dtype, say=say)
-    device = _device_for(model)
-    model = _with_adapter(model.to(device), run)
+
+    def unquantized():
+        base_model = load_model(base, dataclasses.replace(m, quantize=None), out_dtype, say=say)
+        where = _device_for(base_model)
+        return _with_adapter(base_model.to(where), run), where
+
+    model, device = unquantized()
     adapter_ref = _forward(model, batch, device)
+    if quantized_ref is not None:
+        target, target_notes, chosen_ref = _choose_target(
+            model, adapter_ref, quantized_ref, batch, device, quantized, quant_device,
+            m.quantize)
+        say(f"merge target: {target['summary']}")
+        if chosen_ref is None:  # the original weights won, but were changed in place: reload
+            del model
+            gc.collect()
+            model, device = unquantized()
+            chosen_ref = _forward(model, batch, device)
+        adapter_ref = chosen_ref
     merged = model.merge_and_unload(safe_merge=True)  # in place: no second copy of the weights
     del model
     got = _forward(merged, batch, device)
 
     checks, notes = _verify(run, probe, got, adapter_ref, quantized_ref, out_dtype, m.quantize)
+    notes += target_notes
     ok = all(c["ok"] for c in checks)
     report = {"ok": ok, "run": str(run), "base": base, "dtype": _name(out_dtype),
-              "dequantized_from": m.quantize, "device": device.type,
+              "dequantized_from": m.quantize, "target": target, "device": device.type,
               "batch": {"source": source, "sequences": int(batch["input_ids"].shape[0]),
                         "tokens": int(batch["attention_mask"].sum())},
               "checks": checks, "notes": notes,
@@ -153,6 +177,123 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", overwrite: 
         raise MergeFailed(f"merge verification failed ({failed}); the output in {out} is kept "
                           "but marked MERGE_FAILED.txt, see merge_report.json")
     return report
+
+
+# --- the merge target of a 4/8-bit run ---------------------------------------------------------
+
+TARGETS = {"original": "the base's original-precision weights",
+           "dequantized": "the base's weights as the quantized model computed with them "
+                          "(quantized and dequantized)"}
+
+
+def _quantized_weights(model) -> dict[str, dict]:
+    """Each bitsandbytes-quantized weight of `model` (by module name): how it was quantized
+    and a digest of its dequantized values, to check a re-quantization against."""
+    import bitsandbytes as bnb
+
+    found = {}
+    for name, module in model.named_modules():  # bitsandbytes' layers, not peft's wrappers
+        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            continue
+        weight = module.weight
+        kind = "4bit" if isinstance(module, bnb.nn.Linear4bit) else "8bit"
+        info = {"kind": kind, "shape": tuple(weight.shape)}
+        if kind == "4bit":  # packed: the layer's shape is in the quantization state
+            q = weight.quant_state
+            info.update(shape=tuple(q.shape), dtype=q.dtype, blocksize=q.blocksize,
+                        quant_type=q.quant_type, nested=bool(q.nested),
+                        storage=weight.data.dtype)
+        found[name] = {**info, "digest": _digest(_dequantize(module))}
+    return found
+
+
+def _dequantize(module) -> torch.Tensor:
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    return dequantize_bnb_weight(module.weight, getattr(module, "state", None))
+
+
+def _requantized(weight: torch.Tensor, info: dict, device) -> torch.Tensor:
+    """`weight` quantized the way bitsandbytes quantized it at load time, and dequantized."""
+    import bitsandbytes.functional as bnbf
+
+    if info["kind"] == "4bit":
+        w = weight.detach().to(device=device, dtype=info["dtype"]).contiguous()
+        packed, state = bnbf.quantize_4bit(w, blocksize=info["blocksize"],
+                                           compress_statistics=info["nested"],
+                                           quant_type=info["quant_type"],
+                                           quant_storage=info["storage"])
+        return bnbf.dequantize_4bit(packed, state)
+    w = weight.detach().to(device=device, dtype=torch.float16).contiguous()
+    codes, scales, _ = bnbf.int8_vectorwise_quant(w)
+    return bnbf.int8_vectorwise_dequant(codes, scales)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _dequantize_in_place(model, quantized: dict[str, dict], device) -> tuple[str | None, int]:
+    """Replace each quantized weight of the unquantized `model` by its dequantized value, as
+    the quantized model held it. Returns (None, or why it cannot be done, how many weights
+    were replaced: when any, the original weights must be loaded again to be used)."""
+    if not quantized:
+        return "no quantized weights were found in the quantized model", 0
+    for done, (name, info) in enumerate(quantized.items()):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            return f"{name}: not in the unquantized model", done
+        if tuple(module.weight.shape) != info["shape"]:
+            return f"{name}: shape {tuple(module.weight.shape)}, quantized {info['shape']}", done
+        values = _requantized(module.weight, info, device)
+        if _digest(values) != info["digest"]:
+            return (f"{name}: quantizing the {_name(module.weight.dtype)} weights again does "
+                    "not reproduce the quantized model's weights"), done
+        with torch.no_grad():
+            module.weight.copy_(values.to(module.weight.device, module.weight.dtype))
+    return None, len(quantized)
+
+
+def _target_figures(ref: tuple, got: tuple) -> dict:
+    dev = _deviation(ref, got)
+    return {"probe_loss": got[1], "reference_loss": ref[1],
+            "loss_change": got[1] - ref[1],
+            **{k: dev[k] for k in ("max_abs_logit_diff", "mean_abs_logit_diff",
+                                    "greedy_agreement")}}
+
+
+def _choose_target(model, adapter_ref: tuple, quantized_ref: tuple, batch: dict, device,
+                   quantized: dict, quant_device, quantize: str):
+    """Measure both merge targets (the adapter on each, against the adapter on the quantized
+    base). `model` holds the original weights on entry (`adapter_ref`: its logits) and the
+    dequantized ones on return, as far as they could be made. Returns (the report's "target",
+    notes, the adapter logits on the chosen weights, or None when `model` no longer holds
+    them: the original weights must then be loaded again)."""
+    figures = {"original": _target_figures(quantized_ref, adapter_ref)}
+    notes = []
+    why_not, replaced = _dequantize_in_place(model, quantized, quant_device)
+    if why_not is None:
+        dequantized_ref = _forward(model, batch, device)
+        figures["dequantized"] = _target_figures(quantized_ref, dequantized_ref)
+    else:
+        notes.append(f"merge target: the {quantize}-dequantized weights were not measured "
+                     f"({why_not}); merged into the original weights")
+    chosen = min(figures, key=lambda t: figures[t]["mean_abs_logit_diff"])
+    if chosen == "dequantized":
+        chosen_ref = dequantized_ref
+    else:
+        chosen_ref = None if replaced else adapter_ref
+    parts = [f"{t}: probe loss {f['probe_loss']:.5f}, max |logit diff| "
+             f"{f['max_abs_logit_diff']:.3g}, mean {f['mean_abs_logit_diff']:.3g}, greedy "
+             f"agreement {100 * f['greedy_agreement']:.1f}%" for t, f in figures.items()]
+    summary = (f"{chosen}, {TARGETS[chosen]}; the adapter on each target vs on the "
+               f"{quantize} base (probe loss {quantized_ref[1]:.5f}): " + "; ".join(parts))
+    target = {"chosen": chosen, "rule": "the target whose logits are closer to the adapter "
+              f"on the {quantize} base (mean |difference| on the probe batch)",
+              "reference_loss": quantized_ref[1], "candidates": figures, "summary": summary}
+    return target, notes, chosen_ref
 
 
 def _verify(run: Path, probe: list[Example], got: tuple, adapter_ref: tuple,

@@ -56,6 +56,9 @@ def merge_section(report: dict) -> str:
              + (f", from an unquantized copy of the base it was trained on in "
                 f"{report['dequantized_from']}" if report.get("dequantized_from") else "")
              + ", and checked on held-out tokens before saving:", ""]
+    target = report.get("target")
+    if target:  # a 4/8-bit run: both merge targets were measured, the closer one was used
+        lines.append(f"- merge target: {target['summary']}; chosen by {target['rule']}")
     for check in report.get("checks", []):
         mark = "passed" if check["ok"] else "FAILED"
         lines.append(f"- {check['name']}: {check['summary']} ({mark})")

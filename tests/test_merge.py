@@ -161,7 +161,7 @@ def test_qlora_merge_falls_back_to_the_original_weights(qlora_run, tmp_path, cap
                                                        monkeypatch):
     """When quantizing the weights again does not reproduce the quantized model (here: made
     to differ), the dequantized target is not used: the original weights are loaded again."""
-    from peftkit import merge as merging
+    from peftkit.export import measure as merging
 
     requantized = merging._requantized
     monkeypatch.setattr(merging, "_requantized",

@@ -144,13 +144,16 @@ def _run_steps(state: TrainingState, show: TrainProgress, log: tracking.TrackedL
         train_time += result.step_seconds[-1]
         tokens_seen += int(n_useful)
         tps = tokens_seen / train_time
-        show.update(step, loss, tps, opt.scheduler.get_last_lr()[0])
+        logged = step % t.log_every == 0 or step == steps
+        # The objective's own figures (preference runs: rewards, accuracy) since the last log.
+        extra = objective.step_metrics(acc, opt.loss_module) if logged else {}
+        show.update(step, loss, tps, opt.scheduler.get_last_lr()[0], extra)
         result.train_loss, result.tokens_per_s = loss, tps
-        if step % t.log_every == 0 or step == steps:
+        if logged:
             log.write(step=step, loss=loss, lr=opt.scheduler.get_last_lr()[0],
                       grad_norm=None if grad_norm is None else float(grad_norm),
                       tokens=int(n_useful), tokens_per_s=tps, epoch=data.stream.position.epoch,
-                      **objective.step_metrics(acc, opt.loss_module))
+                      **extra)
         if t.eval_every and step % t.eval_every == 0 and step != steps and data.eval:
             log.write(step=step, event="eval", **objective.evaluate(
                 acc, opt.loss_module, data.eval, t.batch_size, data.tokenizer.pad_token_id))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftkit.data.dataset import DataStats, _hold_out
-from peftkit.data.example import IGNORE, Example
+from peftkit.data.example import IGNORE, Example, Prompt
 from peftkit.data.formats import ROLES, detect_format
 from peftkit.data.render import Piece, assemble, check_tokenizer, render_row, tokenize_pieces
 from peftkit.data.sources import BadRow, load_records
@@ -190,3 +190,26 @@ def build(cfg: Data, tokenizer, seed: int
         raise UserError(f"{cfg.train}: no preference pair left to train on: {why}")
     return train, held_out, [], stats
 
+
+def as_examples(pairs: list[PreferencePair], tokenizer) -> tuple[list[Example], list[Prompt]]:
+    """The chosen side of `pairs`, as SFT-shaped held-out data: its examples (next-token loss
+    on the preferred responses) and prompts with the preferred response as reference. What
+    `peftkit eval` scores and the merge probe (training/probe.py) is made of."""
+    examples, prompts = [], []
+    for pair in pairs:
+        chosen = pair.chosen
+        start = next(i for i, label in enumerate(chosen.labels) if label != IGNORE)
+        examples.append(chosen)
+        answer = tokenizer.decode(chosen.input_ids[start:], skip_special_tokens=True)
+        prompts.append(Prompt(chosen.input_ids[:start], answer.strip()))
+    return examples, prompts
+
+
+def held_out(cfg: Data, tokenizer, seed: int, source: str = "") -> list[PreferencePair]:
+    """`source`'s pairs read whole, else a run's held-out pairs rebuilt as `build` built them."""
+    if source or cfg.eval:
+        rows, _ = load_records(source or cfg.eval, cfg.skip_bad_rows)
+        _check_shape(rows, source or cfg.eval)
+        check_tokenizer(tokenizer, "chat")
+        return encode_pairs(rows, tokenizer, cfg)[0]
+    return build(cfg, tokenizer, seed)[1]

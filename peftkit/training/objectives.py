@@ -118,10 +118,14 @@ class PreferenceObjective(NextTokenObjective):
         sums = accelerator.unwrap_model(loss_module).take_running().to(accelerator.device)
         return preference.reward_metrics(accelerator.reduce(sums, reduction="sum").cpu())
 
-    def record_probe(self, *args, **kwargs) -> dict:
-        # The merge probe is a next-token loss on held-out examples; `peftkit merge` cannot
-        # rebuild it from pairs yet, so none is recorded (merge then checks logits only).
-        return {}
+    def record_probe(self, accelerator, loss_module, held_out: list, pad_id: int, precision,
+                     quantize: str | None) -> dict:
+        # The merge probe is a next-token loss: on the chosen responses of the held-out
+        # pairs, which `peftkit merge` rebuilds the same way (inference/evaluate.eval_data).
+        inner = accelerator.unwrap_model(loss_module)
+        return probe.record_probe(accelerator, TokenLoss(inner.model),
+                                  [pair.chosen for pair in held_out], pad_id, precision,
+                                  quantize)
 
 
 def objective_for(recipe: Recipe) -> NextTokenObjective:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from peftkit.cli.app import main
 from peftkit.data import preference as preference_data
 from peftkit.data.sources import BadRow, Row, load_records, resolve_source
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, UserError
+from peftkit.export.merge import merge_run
 from peftkit.model.loading import attach_adapter, base_path, load_model, load_tokenizer
 from peftkit.recipe import Data, Lora, Model, registry
 from peftkit.recipe.overrides import apply_overrides
@@ -291,6 +292,10 @@ def test_shipped_dpo_recipe_trains_in_tiny_form(tmp_path):
     assert {"rewards_chosen", "rewards_rejected", "reward_margin",
             "preference_accuracy"} <= steps[-1].keys()
     assert "preference_accuracy" in (result.path / "README.md").read_text()
+    # The merge is verified, against the probe loss training recorded too.
+    report = merge_run(result.path, tmp_path / "merged")
+    assert {c["name"] for c in report["checks"]} >= {"as trained"}
+    assert all(c["ok"] for c in report["checks"]), report["checks"]
     # Only adapter weights changed: the frozen base equals a fresh load of it.
     model_cfg = Model("peftkit/tiny-llama-demo", arch="llama", tiny=True, tiny_size="xs")
     fresh = load_model(base_path(model_cfg), model_cfg, torch.float32).state_dict()
@@ -365,3 +370,14 @@ def test_bad_preference_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, 
     assert rc == 2, (out, err)
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_adapter_init_must_fit_the_recipe_adapter(tmp_path):
+    sft = run(tmp_path / "sft", "train.max_steps=1", "train.objective=sft",
+              f"data.train={resolve_source('peftkit:data/sort_reverse/train.jsonl')}",
+              "data.eval=", "adapter.targets=q_proj,v_proj", recipe="demo")
+    with pytest.raises(UserError, match="model.adapter_init.*does not fit"):
+        run(tmp_path / "dpo", "train.max_steps=1", f"model.adapter_init={sft.path}",
+            "adapter.targets=q_proj,v_proj", "adapter.r=4")
+    with pytest.raises(UserError, match="model.adapter_init.*missing for"):
+        run(tmp_path / "dpo2", "train.max_steps=1", f"model.adapter_init={sft.path}")

@@ -10,6 +10,8 @@ from peftkit.errors import UserError
 from peftkit.run.rundir import RunDir
 
 WEIGHTS = "adapter_model.safetensors"
+# Names of adapter (not base) tensors in a PeftModel's state dict.
+ADAPTER_PARTS = ("lora_", "modules_to_save", "ia3_", "prompt_encoder")
 
 
 def adapter_folder(source: str) -> Path:
@@ -37,7 +39,12 @@ def load_start(peft_model, source: str) -> None:
                         f"recipe's adapter settings ({str(exc).splitlines()[1].strip()}); use "
                         "the adapter.* settings of the run it comes from") from None
     unused = list(getattr(result, "unexpected_keys", []) or [])
-    if unused:
-        raise UserError(f"model.adapter_init={source!r}: {len(unused)} saved tensors have no "
-                        f"place in this recipe's adapter (e.g. {unused[0]}); use the adapter.* "
+    # Adapter tensors the file leaves at their fresh initialisation (e.g. more targets here).
+    fresh = [k for k in getattr(result, "missing_keys", []) or []
+             if any(part in k for part in ADAPTER_PARTS)]
+    if unused or fresh:
+        example = (unused or fresh)[0]
+        what = "have no place in" if unused else "are missing for"
+        raise UserError(f"model.adapter_init={source!r}: {len(unused or fresh)} adapter tensors "
+                        f"{what} this recipe's adapter (e.g. {example}); use the adapter.* "
                         "settings of the run it comes from")

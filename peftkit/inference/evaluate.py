@@ -18,6 +18,7 @@ from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
+from peftkit.recipe.objective import PREFERENCE_OBJECTIVES
 from peftkit.recipe.overrides import suggest
 from peftkit.errors import UserError
 from peftkit.run.rundir import RunDir
@@ -45,9 +46,16 @@ def parse_metrics(text: str) -> list[str]:
 def eval_data(recipe, tokenizer, source: str = ""):
     """(examples, prompts, description): `source` read whole, else the run's own held-out set
     rebuilt exactly as training built it (data.eval, or the seeded hold-out of data.train)."""
-    from peftkit.data import dataset
+    from peftkit.data import dataset, preference
 
     cfg = recipe.data
+    if recipe.train.objective in PREFERENCE_OBJECTIVES:  # pairs: scored on their chosen side
+        pairs = preference.held_out(cfg, tokenizer, recipe.train.seed, source)
+        if not pairs:
+            raise UserError(f"no held-out preference pair in {source or cfg.eval or cfg.train}; "
+                            "pass --data FILE")
+        return (*preference.as_examples(pairs, tokenizer),
+                f"{source or cfg.eval or cfg.train} (chosen responses of the held-out pairs)")
     if source:
         # Every row of the file is held-out data, whatever the recipe's sampling settings.
         examples, prompts = dataset.build_eval(replace(cfg, format="auto"), tokenizer, source)

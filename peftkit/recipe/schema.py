@@ -26,6 +26,7 @@ def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OBJECTIVES = ("sft", "dpo", "orpo")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class Model:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model")
     trust_remote_code: bool = _f(False, "run modelling code shipped with the Hub repo; off "
                                         "unless you trust its author")
+    adapter_init: str = _f("", "start from an existing adapter: a run directory (runs/sft-run) "
+                               "or an adapter folder; with a preference objective it is also "
+                               "the reference policy (SFT, then DPO)")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,17 @@ class Train:
                                "training, scored by exact match (0 = off)")
     max_new_tokens: int = _f(32, "token budget per answer for eval_generate")
     output_dir: str = _f("runs", "parent directory of run directories")
+    objective: str = _f("sft", "what training optimises: sft (next-token loss), dpo (direct "
+                               "preference optimisation) or orpo (odds-ratio preference) on "
+                               "prompt/chosen/rejected pairs (docs/preference.md)", OBJECTIVES)
+    beta: float = _f(0.1, "dpo: strength of the pull towards the reference policy (the "
+                          "reward scale); ipo: its regulariser tau")
+    dpo_loss: str = _f("sigmoid", "dpo loss variant: sigmoid (DPO paper) or ipo (squared, "
+                                  "length-normalised log-ratio margin)", ("sigmoid", "ipo"))
+    label_smoothing: float = _f(0.0, "dpo sigmoid: assumed share of pairs whose preference is "
+                                     "flipped (conservative DPO), in [0, 0.5)")
+    orpo_lambda: float = _f(0.1, "orpo: weight of the odds-ratio term next to the chosen "
+                                 "responses' next-token loss")
     report_to: str = _f("none", "experiment tracker fed with the metrics.jsonl numbers, "
                                 "through accelerate (tensorboard writes to runs/<name>/tb/)",
                         ("none", "tensorboard", "wandb", "mlflow"))

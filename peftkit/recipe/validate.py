@@ -10,6 +10,7 @@ from typing import Any
 
 from peftkit.adapters.registry import adapter_problems
 from peftkit.errors import ConfigError
+from peftkit.recipe.objective import objective_problems
 from peftkit.recipe.schema import SECTIONS, Hub, Model, Recipe, field_types, type_name
 from peftkit.recipe.train_sources import eval_problems, parse_train
 
@@ -116,6 +117,7 @@ def problems_of(recipe: Recipe) -> list[str]:
     if recipe.name and not all(c.isalnum() or c in "-_." for c in recipe.name):
         problems.append(f"name={recipe.name!r}: use letters, digits, '-', '_' or '.'")
     problems += hub_problems(recipe.hub)
+    problems += objective_problems(recipe)
     return problems
 
 

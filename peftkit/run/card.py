@@ -10,6 +10,12 @@ from peftkit.recipe.schema import Recipe
 from peftkit.recipe.train_sources import parse_train
 
 
+# Held-out metrics of preference runs (peftkit/training/preference.py), after the loss.
+PREFERENCE_METRICS = ("preference_accuracy", "reward_margin", "rewards_chosen",
+                      "rewards_rejected")
+PERCENT = ("exact_match", "preference_accuracy")
+
+
 def _is_hub_id(source: str) -> bool:
     return bool(source) and not source.startswith("peftkit:") and not Path(source).exists() \
         and source.count("/") == 1
@@ -82,20 +88,20 @@ def data_section(metrics: list[dict]) -> str:
 
 def _table(evals: dict) -> str:
     before, after = evals.get("before", {}), evals.get("after", {})
-    keys = [k for k in ("eval_loss", "exact_match") if k in after]
+    keys = [k for k in ("eval_loss", "exact_match", *PREFERENCE_METRICS) if k in after]
     if not keys:
         return "No held-out evaluation was run.\n"
     rows = ["| metric | before training | after training |", "|---|---|---|"]
     for k in keys:
-        fmt = (lambda v: f"{100 * v:.1f}%") if k == "exact_match" else (lambda v: f"{v:.4f}")
-        rows.append(f"| {k} | {fmt(before[k]) if k in before else '-'} | {fmt(after[k])} |")
+        rows.append(f"| {k} | {_fmt(k, before[k]) if k in before else '-'} | "
+                    f"{_fmt(k, after[k])} |")
     return "\n".join(rows) + "\n"
 
 
 def _fmt(key: str, value) -> str:
     if not isinstance(value, (int, float)):
         return "-"
-    return f"{100 * value:.1f}%" if key == "exact_match" else f"{value:.4f}"
+    return f"{100 * value:.1f}%" if key in PERCENT else f"{value:.4f}"
 
 
 def eval_table(evals: dict | None) -> str:

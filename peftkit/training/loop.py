@@ -21,15 +21,14 @@ import torch
 
 from peftkit.adapters.registry import adapter_method
 from peftkit.data import packing
-from peftkit.data.batching import collate, loss_tokens, useful_tokens
 from peftkit.run.rundir import RunDir
 from peftkit.errors import RunError
 from peftkit.model import memory
 from peftkit.recipe.schema import Recipe
 from peftkit.run import card, hub, plot, rundir, tracking
-from peftkit.training import checkpoint, distributed, probe, signals
+from peftkit.training import checkpoint, distributed, signals
 from peftkit.training.distributed import full_state_dict
-from peftkit.training.evaluation import eval_loss, exact_match
+from peftkit.training.evaluation import exact_match
 from peftkit.training.progress import TrainProgress
 from peftkit.training.setup import (TrainingState, setup_data, setup_model, setup_optimizer,
                                     setup_run)
@@ -123,7 +122,7 @@ def _run_steps(state: TrainingState, show: TrainProgress, log: tracking.TrackedL
     """The optimizer steps after `start`, with their logs, evals and checkpoints; raises
     TrainingDiverged, or signals.Interrupted (after a checkpoint) on SIGINT/SIGTERM."""
     t, acc, path = state.recipe.train, state.run.accelerator, state.run.path
-    data, opt, steps = state.data, state.opt, state.data.steps
+    data, opt, steps, objective = state.data, state.opt, state.data.steps, state.run.objective
     meta = {"recipe": state.recipe.to_dict(), "data_fingerprint": data.fingerprint}
     # from_pretrained returns the model in eval mode: without this, a run with no eval set
     # would train with dropout and gradient checkpointing silently off.
@@ -146,14 +145,18 @@ def _run_steps(state: TrainingState, show: TrainProgress, log: tracking.TrackedL
         train_time += result.step_seconds[-1]
         tokens_seen += int(n_useful)
         tps = tokens_seen / train_time
-        show.update(step, loss, tps, opt.scheduler.get_last_lr()[0])
+        logged = step % t.log_every == 0 or step == steps
+        # The objective's own figures (preference runs: rewards, accuracy) since the last log.
+        extra = objective.step_metrics(acc, opt.loss_module) if logged else {}
+        show.update(step, loss, tps, opt.scheduler.get_last_lr()[0], extra)
         result.train_loss, result.tokens_per_s = loss, tps
-        if step % t.log_every == 0 or step == steps:
+        if logged:
             log.write(step=step, loss=loss, lr=opt.scheduler.get_last_lr()[0],
                       grad_norm=None if grad_norm is None else float(grad_norm),
-                      tokens=int(n_useful), tokens_per_s=tps, epoch=data.stream.position.epoch)
+                      tokens=int(n_useful), tokens_per_s=tps, epoch=data.stream.position.epoch,
+                      **extra)
         if t.eval_every and step % t.eval_every == 0 and step != steps and data.eval:
-            log.write(step=step, event="eval", eval_loss=eval_loss(
+            log.write(step=step, event="eval", **objective.evaluate(
                 acc, opt.loss_module, data.eval, t.batch_size, data.tokenizer.pad_token_id))
         signum = stop.requested(acc)  # every process stops after the same step
         if (t.save_every and step % t.save_every == 0) or step == steps or signum:
@@ -174,20 +177,20 @@ def _accumulate(state: TrainingState, window: list) -> tuple[float, object, floa
     """Forward and backward over one step's micro-batches; returns (the step's loss, the
     gradient norm, the window's useful tokens over all processes)."""
     acc, opt, world = state.run.accelerator, state.opt, state.run.accelerator.num_processes
-    counts = torch.tensor([sum(loss_tokens(b) for b in window),
-                           sum(useful_tokens(b) for b in window)], device=acc.device)
+    objective = state.run.objective
+    # What the loss averages over: labelled tokens (sft), pairs (dpo, orpo).
+    counts = torch.tensor(objective.counts(window), device=acc.device)
     n_loss, n_useful = acc.reduce(counts, reduction="sum").tolist()
     loss_total = torch.zeros((), device=acc.device)
-    collate_fn = packing.collate_packed if state.model.packed else collate
     for i, micro in enumerate(window):
-        batch = packing.to_device(collate_fn(micro, state.data.tokenizer.pad_token_id),
-                                  acc.device)
+        batch = packing.to_device(objective.collate(micro, state.data.tokenizer.pad_token_id,
+                                                    state.model.packed), acc.device)
         # Sync gradients across processes only on the window's last micro-batch.
         sync = i == len(window) - 1
         with nullcontext() if sync else acc.no_sync(opt.loss_module):
             loss_sum, _ = opt.loss_module(**batch)
-            # The step's loss is the mean over every labelled token of the global batch:
-            # gradients are summed over the window and averaged over processes (hence
+            # The step's loss is the mean over every labelled token (pair) of the global
+            # batch: gradients are summed over the window and averaged over processes (hence
             # x world), so each micro-batch contributes its summed loss / global count.
             distributed.backward(acc, loss_sum * world / max(n_loss, 1), last=sync)
         loss_total += loss_sum.detach()
@@ -205,8 +208,8 @@ def _evaluate(state: TrainingState) -> dict:
     t, acc, data = state.recipe.train, state.run.accelerator, state.data
     out = {}
     if data.eval:
-        out["eval_loss"] = eval_loss(acc, state.opt.loss_module, data.eval, t.batch_size,
-                                     data.tokenizer.pad_token_id)
+        out.update(state.run.objective.evaluate(acc, state.opt.loss_module, data.eval,
+                                                t.batch_size, data.tokenizer.pad_token_id))
     if t.eval_generate and data.prompts:
         score, rows = exact_match(acc, state.model.peft_model, data.tokenizer,
                                   data.prompts[:t.eval_generate], t.max_new_tokens)
@@ -224,7 +227,7 @@ def _finish(state: TrainingState, show: TrainProgress, log: tracking.TrackedLog,
     log.write(step=data.steps, event="eval", **_scalars(result.evals["after"]))
     # The trained model's loss on the fixed held-out batch that `peftkit merge` checks merged
     # models against (probe.py): a merge is compared with this model, not only with the files.
-    result.probe = probe.record_probe(acc, state.opt.loss_module, data.eval,
+    result.probe = run.objective.record_probe(acc, state.opt.loss_module, data.eval,
                                       data.tokenizer.pad_token_id, run.precision,
                                       recipe.model.quantize)
     result.memory = memory.report(memory.estimate(recipe, model.model.config, run.precision),

@@ -28,9 +28,9 @@ from peftkit.model.loading import (Precision, attach_adapter, base_path, count_p
                                    resolve_precision)
 from peftkit.recipe.schema import Recipe
 from peftkit.run import hub, rundir, tracking
-from peftkit.training import checkpoint, distributed
+from peftkit.training import adapter_init, checkpoint, distributed
 from peftkit.training import resume as resuming
-from peftkit.training.loss import TokenLoss
+from peftkit.training.objectives import NextTokenObjective, objective_for
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -52,6 +52,7 @@ class RunSetup:
     position: Position | None   # its data position, in this run's micro-batches
     fresh: bool                 # a new run directory: not continuing this run's own checkpoint
     notes: list[str]            # shown when the steps start; later phases add theirs
+    objective: NextTokenObjective  # what the run optimises (objectives.py)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class TrainModel:
 @dataclass
 class Optimization:
     """What each step updates, and the step to start after."""
-    loss_module: TokenLoss      # as accelerate prepared it (DDP/FSDP-wrapped)
+    loss_module: object         # the objective's, as accelerate prepared it (DDP/FSDP)
     optimizer: object           # accelerate's wrapper; .optimizer is torch's
     scheduler: object
     params: list                # the trainable parameters as prepared: clipped and checked
@@ -141,6 +142,8 @@ def setup_run(recipe: Recipe, resume: bool | str, overwrite: bool) -> RunSetup:
     acc, precision = make_accelerator(recipe)
     path = rundir.run_dir(recipe)
     notes = list(precision.notes)
+    if recipe.model.adapter_init:
+        adapter_init.adapter_folder(recipe.model.adapter_init)  # before any weights load
     quantize.require_bitsandbytes(recipe.model, recipe.adapter, acc.device.type)
     if recipe.hub.push_at_end:
         hub.require_token()  # now, not after hours of training
@@ -159,7 +162,10 @@ def setup_run(recipe: Recipe, resume: bool | str, overwrite: bool) -> RunSetup:
         print(f"note: model.trust_remote_code=true: running the modelling code shipped with "
               f"{recipe.model.name}", file=sys.stderr, flush=True)
     set_seed(recipe.train.seed)
-    return RunSetup(acc, recipe, precision, path, resume_from, saved, position, fresh, notes)
+    objective = objective_for(recipe)  # after a resume adapted the recipe, if it did
+    notes += objective.notes()
+    return RunSetup(acc, recipe, precision, path, resume_from, saved, position, fresh, notes,
+                    objective)
 
 
 def _find_checkpoint(acc, path: Path, resume: bool | str, overwrite: bool) -> tuple[Path, dict]:
@@ -193,7 +199,7 @@ def setup_data(recipe: Recipe, run: RunSetup) -> TrainData:
     t, acc = recipe.train, run.accelerator
     base = base_path(recipe.model)  # built by setup_run
     tokenizer, tokenizer_changed = load_tokenizer(base, recipe.model)
-    train_ex, eval_ex, prompts, stats = dataset.build(recipe.data, tokenizer, t.seed)
+    train_ex, eval_ex, prompts, stats = run.objective.build_data(tokenizer)
     try:
         stream = BatchStream(train_ex, t.batch_size, t.seed, acc.process_index,
                              acc.num_processes)
@@ -218,10 +224,13 @@ def setup_model(recipe: Recipe, run: RunSetup, base: str) -> TrainModel:
     # Padding-free batches where the attention kernel can keep samples apart (packing.py).
     # (Prompt tuning prepends its virtual tokens to a whole row: its samples cannot share one.)
     method = adapter_method(recipe.adapter)
-    packed, note = packing.enable(model, recipe.data.packing and method.packable)
+    packed, note = packing.enable(model, recipe.data.packing and method.packable
+                                  and run.objective.packable)
     run.notes += [note] if note else []
     model = prepare_for_training(model, recipe.model, t.gradient_checkpointing)
     peft_model = attach_adapter(model, recipe.adapter)
+    if recipe.model.adapter_init:  # SFT, then DPO: continue an existing run's adapter
+        adapter_init.load_start(peft_model, recipe.model.adapter_init)
     fused_lora.enable(peft_model)  # LoRA's scaled update added inside its matmul
     if t.compile:  # after peft: the compiled layers include the adapters (compiled.py)
         compiled.compile_layers(model)
@@ -244,9 +253,12 @@ def setup_optimizer(recipe: Recipe, run: RunSetup, data: TrainData,
     # accelerate's wrapper would step it once per process.
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=data.steps)
+    # The reference log-probs (DPO) come from the adapter's start point: before a resumed
+    # checkpoint's weights go in, as in the run that wrote it.
+    run.objective.prepare(acc, peft_model, data)
     if run.resume_from is not None:  # adapter weights go in before FSDP shards them
         checkpoint.load_adapter(run.resume_from, peft_model)
-    loss_module, optimizer = acc.prepare(TokenLoss(peft_model), optimizer)
+    loss_module, optimizer = acc.prepare(run.objective.loss_module(peft_model), optimizer)
     # FSDP2 replaces the parameters with sharded ones: clip and check those, not the old.
     params = [p for p in loss_module.parameters() if p.requires_grad]
 

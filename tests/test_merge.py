@@ -139,7 +139,7 @@ def test_qlora_merge_measures_both_targets_and_merges_into_the_closer(qlora_run,
     """Original-precision weights vs the nf4-dequantized ones, each with the adapter, against
     the adapter on the nf4 base: the dequantized weights are what the adapter was trained on,
     so they win, and the merged model reproduces the trained one (to float32 rounding)."""
-    from peftkit.card import merge_section
+    from peftkit.run.card import merge_section
 
     out = tmp_path / "merged"
     rc, printed, err = merge(capsys, qlora_run, out)

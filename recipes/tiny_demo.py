@@ -1,4 +1,6 @@
-"""Demo: teach a tiny offline Llama to sort digits and reverse letters (CPU, ~2 min)."""
+"""Tiny demo: teach a tiny random-weight Llama to sort digits and reverse letters (CPU, ~1 min).
+
+The fast stand-in the tests, benchmarks and docs' transcripts use; `demo` is the real-model one."""
 
 from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 

@@ -25,7 +25,7 @@ SETTINGS = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0
             "train.max_steps=4", "train.save_every=2", "train.scheduler=linear"]
 
 
-def launch(out, *extra, name="demo", settings=SETTINGS):
+def launch(out, *extra, name="tiny-demo", settings=SETTINGS):
     """`peftkit train NAME --nproc 2` in a subprocess, each optimizer step two micro-batches
     of 2 per process (global batch 8, as one process with batch 8); returns the
     CompletedProcess."""
@@ -54,13 +54,13 @@ def ddp_run(tmp_path_factory):
     proc = launch(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accelerate launch" in proc.stderr and "--num_processes 2" in proc.stderr
-    return out / "demo", proc
+    return out / "tiny-demo", proc
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(ddp_run, tmp_path):
     ddp_path, proc = ddp_run
     assert "on 2 x cpu" in proc.stderr
-    entry = registry.resolve("demo")
+    entry = registry.resolve("tiny-demo")
     single = train(apply_overrides(entry.recipe, [*SETTINGS, "train.batch_size=8",
                                                    "train.grad_accum=1",
                                                    f"train.output_dir={tmp_path}"]))
@@ -94,7 +94,7 @@ def test_ddp_run_directory_is_written_once_and_loads_in_plain_peft(ddp_run):
 
 def test_two_process_resume_continues_the_trajectory(ddp_run, tmp_path):
     path, _ = ddp_run
-    copy = tmp_path / "demo"
+    copy = tmp_path / "tiny-demo"
     shutil.copytree(path, copy)
     shutil.rmtree(copy / "checkpoints" / "step-4")
     proc = launch(tmp_path, "--resume")
@@ -109,7 +109,7 @@ def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     proc = launch(out, "launch.strategy=fsdp")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "demo", proc
+    return out / "tiny-demo", proc
 
 
 def test_fsdp_trains_the_same_adapter_as_ddp_with_sharded_state(fsdp_run, ddp_run):
@@ -136,7 +136,7 @@ def test_fsdp_trains_the_same_adapter_as_ddp_with_sharded_state(fsdp_run, ddp_ru
 
 def test_fsdp_resume_continues_the_trajectory(fsdp_run, tmp_path):
     path, _ = fsdp_run
-    copy = tmp_path / "demo"
+    copy = tmp_path / "tiny-demo"
     shutil.copytree(path, copy)
     shutil.rmtree(copy / "checkpoints" / "step-4")
     proc = launch(tmp_path, "launch.strategy=fsdp", "--resume")
@@ -182,13 +182,13 @@ def test_deepspeed_zero2_trains_the_same_adapter_as_ddp(ddp_run, tmp_path):
         in " ".join(proc.stderr.split())
     assert "is deprecated" not in proc.stderr  # DeepSpeed's collective warnings are muted
     ddp_path, _ = ddp_run
-    zero, ddp = step_losses(tmp_path / "demo"), step_losses(ddp_path)
+    zero, ddp = step_losses(tmp_path / "tiny-demo"), step_losses(ddp_path)
     assert [zero[s] for s in sorted(zero)] == pytest.approx([ddp[s] for s in sorted(ddp)],
                                                             rel=1e-5)
-    a, b = adapter(tmp_path / "demo"), adapter(ddp_path)
+    a, b = adapter(tmp_path / "tiny-demo"), adapter(ddp_path)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
-    ckpt = tmp_path / "demo" / "checkpoints" / "step-4"
+    ckpt = tmp_path / "tiny-demo" / "checkpoints" / "step-4"
     assert sorted(p.name for p in ckpt.glob("optimizer*.pt")) == ["optimizer-rank0.pt",
                                                                   "optimizer-rank1.pt"]
 
@@ -200,12 +200,12 @@ def test_deepspeed_zero3_shards_weights_trains_like_ddp_and_resumes(ddp_run, tmp
     held, whole = re.search(r"\(DeepSpeed ZeRO-3: this process holds ([\d.]+) MB of "
                             r"([\d.]+) MB of weights\)", " ".join(proc.stderr.split())).groups()
     assert float(held) == pytest.approx(float(whole) / 2, rel=0.02)
-    path, (ddp_path, _) = tmp_path / "full" / "demo", ddp_run
+    path, (ddp_path, _) = tmp_path / "full" / "tiny-demo", ddp_run
     assert step_losses(path) == pytest.approx(step_losses(ddp_path), rel=1e-5)
     a, b = adapter(path), adapter(ddp_path)  # gathered from the partitions, saved once
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
     # Resume from step 2: each process loads its optimizer partition back.
-    copy = tmp_path / "resumed" / "demo"
+    copy = tmp_path / "resumed" / "tiny-demo"
     shutil.copytree(path, copy)
     shutil.rmtree(copy / "checkpoints" / "step-4")
     proc = launch(tmp_path / "resumed", "launch.strategy=deepspeed", "launch.zero_stage=3",
@@ -225,4 +225,4 @@ def test_bad_input_inside_the_workers_is_one_line_and_exit_2(tmp_path):
     assert lines[0].startswith("launching: ACCELERATE_USE_CPU=true accelerate launch ")
     assert len(lines) == 2 and lines[1].startswith("error: ") and "missing.jsonl" in lines[1], \
         proc.stderr
-    assert not (tmp_path / "demo").exists()
+    assert not (tmp_path / "tiny-demo").exists()

@@ -23,7 +23,7 @@ QUICK = ["model.tiny_size=xs", "data.max_samples=64", "data.eval=", "data.eval_s
 
 
 def quick_run(root, *overrides):
-    entry = registry.resolve("demo")
+    entry = registry.resolve("tiny-demo")
     recipe = apply_overrides(entry.recipe, [*QUICK, f"train.output_dir={root}", *overrides])
     return train(recipe, str(entry.path)).path
 

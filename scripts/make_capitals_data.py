@@ -8,8 +8,8 @@ countries, whose capitals never appear in training, so a held-out answer can onl
 the fact comes from pretraining. It measures format transfer of known facts, not learning facts.
 
 * train: every country not held out, asked 4 ways (TRAIN_PHRASINGS), answer = the capital.
-* test: HELD_OUT, asked the first way. HELD_OUT is the countries whose capital SmolLM2-135M-
-  Instruct names in its own full-sentence answer to "What is the capital of X?" (greedy, no
+* test: HELD_OUT, asked the first way. HELD_OUT is 30 of the countries whose capital SmolLM2-
+  135M-Instruct names in its own full-sentence answer to "What is the capital of X?" (greedy, no
   system prompt), so the before/after exact match measures the format, not missing facts.
   `--select /path/to/smollm2` re-runs that probe and prints the list (needs the model).
 * Capitals are the seat of government as commonly given; countries whose capital is disputed
@@ -82,12 +82,13 @@ TRAIN_PHRASINGS = (
     "{}: what is its capital?",
 )
 
-# Countries whose capital the base names in its full-sentence answer (`--select`, see above).
+# 30 of the 78 countries whose capital the base names in its full-sentence answer (`--select`
+# on SmolLM2-135M-Instruct; it misses e.g. Italy, Spain, Portugal, Belgium, Denmark, Finland).
 HELD_OUT = (
-    "Argentina", "Austria", "Belgium", "Canada", "China", "Cuba", "Denmark", "Egypt", "Finland",
-    "France", "Germany", "Greece", "Hungary", "Iran", "Iraq", "Ireland", "Italy", "Japan",
-    "Kenya", "Mexico", "Norway", "Peru", "Poland", "Portugal", "Russia", "South Korea", "Spain",
-    "Sweden", "Thailand", "United Kingdom",
+    "Australia", "Austria", "Canada", "Chile", "China", "Cuba", "Egypt", "France", "Germany",
+    "Greece", "Hungary", "India", "Indonesia", "Iran", "Iraq", "Ireland", "Japan", "Kenya",
+    "Mexico", "Norway", "Pakistan", "Peru", "Philippines", "Poland", "Russia", "Saudi Arabia",
+    "South Korea", "Sweden", "Thailand", "United Kingdom",
 )
 
 

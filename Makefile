@@ -1,4 +1,5 @@
-# `make demo`: set up .venv and train the offline demo. `make test`: set up and run the tests.
+# `make demo`: set up .venv and fine-tune the real-model demo offline (SmolLM2-135M, ~3 min).
+# `make test`: set up and run the tests.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.peftkit-installed

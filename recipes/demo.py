@@ -1,18 +1,19 @@
-"""Demo: teach a tiny offline Llama to sort digits and reverse letters (CPU, ~2 min)."""
+"""Demo: SmolLM2-135M-Instruct learns to answer with the city name only, on unseen capitals."""
 
 from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
-# The base is a random-weight Llama (hidden 256, 4 layers) built offline with peftkit's own
-# byte-level BPE tokenizer. A random LM head gives a near-flat softmax, so the head and the
-# embeddings are trained in full (peft modules_to_save) next to the LoRA matrices.
+# Transfer from pretraining, on 2 CPU cores in about 3 minutes. The base already knows many
+# capitals but answers in a full sentence ("The capital of Japan is Tokyo."). Training teaches
+# the short answer on some countries; the held-out countries' capitals never appear in the
+# training data (scripts/make_capitals_data.py), so each held-out hit is a fact from
+# pretraining carried into the new format. Exact match on them, before and after, is the
+# measure. The Hub id resolves offline to a converted local copy (needs the offline source).
 RECIPE = Recipe(
-    model=Model("peftkit/tiny-llama-demo", arch="llama", tiny=True, tiny_size="s"),
-    adapter=Lora(r=16, alpha=32, dropout=0.0, targets="all-linear",
-                 modules_to_save="embed_tokens,lm_head"),
-    data=Data("peftkit:data/sort_reverse/train.jsonl", eval="peftkit:data/sort_reverse/test.jsonl",
-              format="chat", max_len=64),
-    train=Train(lr=1e-3, batch_size=32, max_steps=300, warmup_steps=20, scheduler="cosine",
-                log_every=10, eval_every=100, save_every=100, eval_generate=100,
-                max_new_tokens=12, seed=0),
+    model=Model("HuggingFaceTB/SmolLM2-135M-Instruct", arch="llama"),
+    adapter=Lora(r=16, alpha=32, dropout=0.0, targets="all-linear"),
+    data=Data("peftkit:data/capitals/train.jsonl", eval="peftkit:data/capitals/test.jsonl",
+              format="chat", max_len=64, system_prompt="Answer with the city name only."),
+    train=Train(lr=1e-3, batch_size=16, max_steps=80, warmup_steps=5, scheduler="cosine",
+                log_every=10, eval_generate=100, max_new_tokens=12, seed=0),
     launch=Launch(hardware="CPU, 2 cores"),
 )

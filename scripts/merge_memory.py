@@ -89,7 +89,7 @@ def main() -> None:
     if not (base / "config.json").is_file():
         build(args.hidden, args.layers, base)
     name = f"{base.name}-{args.quantize}"
-    subprocess.run([sys.executable, "-m", "peftkit", "train", "demo", f"name={name}",
+    subprocess.run([sys.executable, "-m", "peftkit", "train", "tiny-demo", f"name={name}",
                     f"model.name={base}", "model.tiny=false", "model.arch=llama",
                     f"model.quantize={args.quantize}", "train.max_steps=1",
                     "train.warmup_steps=0", "train.batch_size=2", "data.max_samples=8",

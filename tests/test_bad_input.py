@@ -20,7 +20,7 @@ from peftkit.recipe import Model
 from peftkit.recipe.schema import RESUME_SAFE, SECTIONS
 from peftkit.data.sources import resolve_source
 
-TRAIN = ["train", "demo", "model.tiny_size=xs", "data.train=data.jsonl", "data.eval=",
+TRAIN = ["train", "tiny-demo", "model.tiny_size=xs", "data.train=data.jsonl", "data.eval=",
          "data.eval_size=0", "train.eval_generate=0", "train.output_dir=runs",
          "train.max_steps=3", "train.warmup_steps=0", "train.save_every=1", "train.log_every=1",
          "train.batch_size=4"]
@@ -39,7 +39,7 @@ def finished_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         assert main(TRAIN) == 0
-    return root / "runs" / "demo"
+    return root / "runs" / "tiny-demo"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,9 +75,9 @@ def reseal(ckpt: Path) -> None:
 def with_run(damage=None):
     """Copy the finished run here; `damage(step-3 checkpoint dir, case dir)` then spoils it."""
     def setup(tmp, run):
-        shutil.copytree(run(), tmp / "runs" / "demo")
+        shutil.copytree(run(), tmp / "runs" / "tiny-demo")
         if damage:
-            damage(tmp / "runs" / "demo" / "checkpoints" / "step-3", tmp)
+            damage(tmp / "runs" / "tiny-demo" / "checkpoints" / "step-3", tmp)
     return setup
 
 
@@ -233,16 +233,16 @@ CASES = [
     ("zero stage 4", None, [*TRAIN, "launch.strategy=deepspeed", "launch.zero_stage=4"],
      ["launch.zero_stage=4", "must be one of 1, 2, 3"]),
     # --- command-line arguments -------------------------------------------------------------
-    ("unknown command", None, ["trian", "demo"], ["invalid choice: 'trian'", "--help"]),
+    ("unknown command", None, ["trian", "tiny-demo"], ["invalid choice: 'trian'", "--help"]),
     ("train without recipe", None, ["train"], ["required: recipe"]),
     ("unknown flag", None, [*TRAIN, "--force"], ["unrecognized arguments: --force"]),
     ("flag value not an int", None, [*TRAIN, "--nproc", "two"], ["--nproc", "'two'"]),
-    ("copy over an existing file", files(**{"mine.py": "# mine\n"}), ["cp", "demo", "mine.py"],
+    ("copy over an existing file", files(**{"mine.py": "# mine\n"}), ["cp", "tiny-demo", "mine.py"],
      ["mine.py already exists", "--force"]),
     ("resume and overwrite", None, [*TRAIN, "--resume", "--overwrite"],
      ["--resume and --overwrite", "pass one"]),
-    ("resume a missing path", None, [*TRAIN, "--resume", "runs/demo/checkpoints/step-9"],
-     ["--resume runs/demo/checkpoints/step-9", "no such checkpoint directory"]),
+    ("resume a missing path", None, [*TRAIN, "--resume", "runs/tiny-demo/checkpoints/step-9"],
+     ["--resume runs/tiny-demo/checkpoints/step-9", "no such checkpoint directory"]),
     ("resume a file", files(**{"notes.txt": "x"}), [*TRAIN, "--resume", "notes.txt"],
      ["--resume notes.txt", "no such checkpoint directory"]),
     # --- data files -------------------------------------------------------------------------
@@ -314,15 +314,15 @@ CASES = [
      [*TRAIN, "model.tiny=false", "model.name=model"], ["chat template"]),
     # --- run directories --------------------------------------------------------------------
     ("run directory holds a run", with_run(), TRAIN,
-     ["runs/demo already holds a run", "--resume", "--overwrite"]),
+     ["runs/tiny-demo already holds a run", "--resume", "--overwrite"]),
     ("directory that is not a run", files(**{"runs__demo__mine.txt": "precious"}),
      [*TRAIN, "--overwrite"], ["not a peftkit run", "refusing to delete"]),
     ("resume with no checkpoint", files(**{"runs__demo__recipe.json": "{}"}),
-     [*TRAIN, "--resume"], ["no complete checkpoint under runs/demo/checkpoints",
+     [*TRAIN, "--resume"], ["no complete checkpoint under runs/tiny-demo/checkpoints",
                             "start it over with --overwrite"]),
     # --- checkpoints: damaged ---------------------------------------------------------------
     ("manifest missing", with_run(delete("manifest.json")),
-     [*TRAIN, "--resume", "runs/demo/checkpoints/step-3"], ["incomplete checkpoint"]),
+     [*TRAIN, "--resume", "runs/tiny-demo/checkpoints/step-3"], ["incomplete checkpoint"]),
     ("manifest not JSON", with_run(lambda c, t: (c / "manifest.json").write_text("{")),
      [*TRAIN, "--resume"], ["step-3", "unreadable checkpoint metadata"]),
     ("file missing from the manifest", with_run(resealed(lambda c, t: (c / "scheduler.pt")
@@ -342,10 +342,10 @@ CASES = [
      [*TRAIN, "--resume"], ["cannot restore the checkpoint", "SafetensorError"]),
     ("optimizer a malicious pickle", with_run(resealed(evil_optimizer)), [*TRAIN, "--resume"],
      ["step-3/optimizer.pt: holds a pickled object that refers to posix.system",
-      "never unpickles", "--resume runs/demo/checkpoints/step-2"]),
+      "never unpickles", "--resume runs/tiny-demo/checkpoints/step-2"]),
     ("another run's checkpoint into this run", with_run(lambda c, t: shutil.copytree(
         c, t / "elsewhere" / "step-3")), [*TRAIN, "--resume", "elsewhere/step-3"],
-     ["belongs to another run directory", "runs/demo already holds a run", "name=NEW"]),
+     ["belongs to another run directory", "runs/tiny-demo already holds a run", "name=NEW"]),
     ("another process count and global batch", with_run(edit_state(world_size=2)),
      [*TRAIN, "train.grad_accum=3", "--resume"],
      [DIFFERENT, "train.grad_accum: 1 -> 3 (the global batch",
@@ -355,11 +355,11 @@ CASES = [
                             "resume with 2 processes"]),
     # --- the final adapter of a run, as eval and generate load it --------------------------
     ("final adapter truncated", with_run(lambda c, t: truncate("adapter_model.safetensors")(
-        t / "runs" / "demo" / "adapter", t)), ["eval", "runs/demo", "--limit", "2"],
-     ["runs/demo/adapter", "cannot load the adapter", "SafetensorError"]),
+        t / "runs" / "tiny-demo" / "adapter", t)), ["eval", "runs/tiny-demo", "--limit", "2"],
+     ["runs/tiny-demo/adapter", "cannot load the adapter", "SafetensorError"]),
     ("final adapter config not JSON", with_run(
-        lambda c, t: (t / "runs" / "demo" / "adapter" / "adapter_config.json").write_text("{")),
-     ["generate", "runs/demo", "Sort: 3 1 2"], ["runs/demo/adapter", "cannot load the adapter"]),
+        lambda c, t: (t / "runs" / "tiny-demo" / "adapter" / "adapter_config.json").write_text("{")),
+     ["generate", "runs/tiny-demo", "Sort: 3 1 2"], ["runs/tiny-demo/adapter", "cannot load the adapter"]),
     # --- checkpoints: another recipe, or other data -----------------------------------------
     ("resume with another rank", with_run(), [*TRAIN, "adapter.r=8", "--resume"],
      [DIFFERENT, "adapter.r: 16 -> 8"]),
@@ -420,7 +420,7 @@ def test_a_planted_pickle_is_refused_and_never_runs(request, tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.jsonl").write_text(ROWS)
-    ckpt = tmp_path / "runs" / "demo" / "checkpoints" / "step-3"
+    ckpt = tmp_path / "runs" / "tiny-demo" / "checkpoints" / "step-3"
 
     def plant(ckpt, tmp):
         evil = {"last_epoch": Evil(tmp / "pwned")}
@@ -438,10 +438,10 @@ def test_a_planted_pickle_is_refused_and_never_runs(request, tmp_path, monkeypat
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
     assert rc == 2 and lines == [
-        "error: runs/demo/checkpoints/step-3/scheduler.pt: holds a pickled object that refers "
+        "error: runs/tiny-demo/checkpoints/step-3/scheduler.pt: holds a pickled object that refers "
         "to posix.system, not the tensors and plain containers peftkit writes; peftkit never "
         "unpickles arbitrary objects (that can run any code), so step-3 cannot be restored: "
-        "resume from an earlier checkpoint with --resume runs/demo/checkpoints/step-2, or "
+        "resume from an earlier checkpoint with --resume runs/tiny-demo/checkpoints/step-2, or "
         "retrain"], err
     assert not [w for w in caught if "pickle" in str(w.message)], [str(w.message) for w in caught]
     assert "weights_only" not in err and not (tmp_path / "pwned").exists()
@@ -463,14 +463,14 @@ def test_disk_full_while_saving_is_one_line_exit_1(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err, err
     last = err.splitlines()[-1]
-    assert last.startswith("error: cannot write checkpoint step-2 in runs/demo/checkpoints: no "
+    assert last.startswith("error: cannot write checkpoint step-2 in runs/tiny-demo/checkpoints: no "
                            "space left on device; the partial checkpoint was removed and the "
-                           "newest complete checkpoint runs/demo/checkpoints/step-1 is intact")
+                           "newest complete checkpoint runs/tiny-demo/checkpoints/step-1 is intact")
     assert last.endswith("Resume with: peftkit train " + " ".join(TRAIN[1:]) + " --resume")
-    checkpoints = tmp_path / "runs" / "demo" / "checkpoints"
+    checkpoints = tmp_path / "runs" / "tiny-demo" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-1"]
     checkpoint.verify(checkpoints / "step-1")
-    assert not (tmp_path / "runs" / "demo" / "adapter").exists()
+    assert not (tmp_path / "runs" / "tiny-demo" / "adapter").exists()
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
 
@@ -483,13 +483,13 @@ def test_disk_full_while_saving_is_one_line_exit_1(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(train, "_save_outputs", full)
     assert main([*TRAIN, "--resume"]) == 1
     last = capsys.readouterr().err.splitlines()[-1]
-    assert last.startswith("error: no space left on device (runs/demo/adapter); free disk "
+    assert last.startswith("error: no space left on device (runs/tiny-demo/adapter); free disk "
                            "space, then continue from the newest complete checkpoint"), last
     assert [p.name for p in checkpoint.step_dirs(checkpoints)] == ["step-2", "step-3"]
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     assert main([*TRAIN, "--resume"]) == 0  # space again: the run completes
-    assert (tmp_path / "runs" / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "runs" / "tiny-demo" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_every_resume_safe_setting_exists():

@@ -19,7 +19,7 @@ QUICK = ["model.tiny_size=xs", "train.batch_size=8"]  # the demo recipe: chat ro
 # A high learning rate from step 1: the sides' different batch orders then move the mean
 # training loss by far more than 2%, with the same computation on every side.
 STEPS = 3
-BENCH = ["bench", "demo", *QUICK, "train.lr=5e-2", "train.warmup_steps=0", "--steps",
+BENCH = ["bench", "tiny-demo", *QUICK, "train.lr=5e-2", "train.warmup_steps=0", "--steps",
          str(STEPS), "--vs", "hf,hf-grouped", "--inline"]
 
 
@@ -67,7 +67,7 @@ def test_bench_compares_the_same_work(compared):
     assert result["samples"] == 8 * STEPS and result["steps"] == STEPS
     # The samples, independently: 2 of the batches that the Trainer's length grouping forms
     # over all demo rows, drawn with the recipe's seed.
-    recipe = apply_overrides(registry.resolve("demo").recipe,
+    recipe = apply_overrides(registry.resolve("tiny-demo").recipe,
                              [*QUICK, "data.eval=", "data.eval_size=0"])
     tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
     examples, _, _, _ = dataset.build(recipe.data, tokenizer, recipe.train.seed)
@@ -210,7 +210,7 @@ def test_equal_work_checks(compared):
 
 def test_each_side_runs_in_its_own_process(tmp_path):
     out = tmp_path / "solo.json"
-    assert main(["bench", "demo", *QUICK, "--steps", "1", "--out", str(out)]) == 0
+    assert main(["bench", "tiny-demo", *QUICK, "--steps", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["isolation"] == "one fresh process per side"
     side = result["sides"]["peftkit"]
@@ -219,8 +219,8 @@ def test_each_side_runs_in_its_own_process(tmp_path):
 
 
 def test_bad_arguments_are_user_errors():
-    assert main(["bench", "demo", "--vs", "deepspeed"]) == 2
-    assert main(["bench", "demo", "--steps", "0"]) == 2
+    assert main(["bench", "tiny-demo", "--vs", "deepspeed"]) == 2
+    assert main(["bench", "tiny-demo", "--steps", "0"]) == 2
 
 
 def test_flops_accounting():

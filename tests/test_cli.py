@@ -107,7 +107,7 @@ def demo_counts():
 
     from peftkit.model.loading import attach_adapter, base_path, count_parameters, load_model
 
-    recipe = registry.resolve("demo").recipe
+    recipe = registry.resolve("tiny-demo").recipe
     found = {}
     for r in (4, 8, 16):
         model = load_model(base_path(recipe.model), recipe.model, torch.float32)
@@ -126,9 +126,9 @@ def demo_counts():
 
 
 def test_show_demo_prints_fields_validation_and_counts(capsys, demo_counts):
-    rc, out, err = cli(capsys, "show", "demo")
+    rc, out, err = cli(capsys, "show", "tiny-demo")
     assert rc == 0 and err == ""
-    recipe = registry.resolve("demo").recipe
+    recipe = registry.resolve("tiny-demo").recipe
     for section in SECTIONS:
         for key, value in recipe.to_dict()[section].items():
             shown = field_value(out, f"{section}.{key}")
@@ -139,7 +139,7 @@ def test_show_demo_prints_fields_validation_and_counts(capsys, demo_counts):
 
 
 def test_show_with_override_marks_it_and_counts_fewer(capsys, demo_counts):
-    rc, out, err = cli(capsys, "show", "demo", "adapter.r=8", "train.lr=1e-4")
+    rc, out, err = cli(capsys, "show", "tiny-demo", "adapter.r=8", "train.lr=1e-4")
     assert rc == 0 and err == ""
     assert field_value(out, "adapter.r") == "8  (override)"
     assert field_value(out, "train.lr") == "0.0001  (override)"
@@ -174,10 +174,10 @@ def test_show_llama_total_is_about_8b(capsys):
 # cp
 
 def test_cp_then_show_and_edit(capsys, tmp_path, demo_counts):
-    rc, out, err = cli(capsys, "cp", "demo", "mine.py")
+    rc, out, err = cli(capsys, "cp", "tiny-demo", "mine.py")
     assert rc == 0 and err == ""
     mine = tmp_path / "mine.py"
-    demo_source = (registry.recipes_dir() / "demo.py").read_text()
+    demo_source = (registry.recipes_dir() / "tiny_demo.py").read_text()
     assert mine.read_text() == demo_source
     assert "mine.py" in out
 
@@ -206,14 +206,14 @@ def test_cp_creates_parent_directories(capsys, tmp_path):
 def test_cp_refuses_to_overwrite_unless_forced(capsys, tmp_path):
     mine = tmp_path / "mine.py"
     mine.write_text("# my own work\n")
-    rc, out, err = cli(capsys, "cp", "demo", "mine.py")
+    rc, out, err = cli(capsys, "cp", "tiny-demo", "mine.py")
     assert rc == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "--force" in err
     assert mine.read_text() == "# my own work\n"
 
-    rc, _, err = cli(capsys, "cp", "demo", "mine.py", "--force")
+    rc, _, err = cli(capsys, "cp", "tiny-demo", "mine.py", "--force")
     assert rc == 0 and err == ""
-    assert mine.read_text() == (registry.recipes_dir() / "demo.py").read_text()
+    assert mine.read_text() == (registry.recipes_dir() / "tiny_demo.py").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,13 +236,13 @@ def assert_one_line_error(capsys, tmp_path, argv, *fragments):
 @pytest.mark.parametrize("command", ["show", "train"])
 @pytest.mark.parametrize("args, fragments", [
     (["dmeo"], ["unknown recipe 'dmeo'", "did you mean demo"]),
-    (["demo", "adapter.rr=2"], ["unknown setting 'adapter.rr'", "did you mean adapter.r"]),
-    (["demo", "adapter.r=x"], ["adapter.r='x'", "expected int"]),
-    (["demo", "model.tiny=perhaps"], ["model.tiny='perhaps'", "expected bool"]),
-    (["demo", "adapter.dropout=2"], ["adapter.dropout=2.0", "[0, 1)"]),
-    (["demo", "train.lr=-1"], ["train.lr=-1.0", "> 0"]),
-    (["demo", "train.scheduler=foo"], ["train.scheduler='foo'", "cosine"]),
-    (["demo", "train.lr"], ["section.field=value"]),
+    (["tiny-demo", "adapter.rr=2"], ["unknown setting 'adapter.rr'", "did you mean adapter.r"]),
+    (["tiny-demo", "adapter.r=x"], ["adapter.r='x'", "expected int"]),
+    (["tiny-demo", "model.tiny=perhaps"], ["model.tiny='perhaps'", "expected bool"]),
+    (["tiny-demo", "adapter.dropout=2"], ["adapter.dropout=2.0", "[0, 1)"]),
+    (["tiny-demo", "train.lr=-1"], ["train.lr=-1.0", "> 0"]),
+    (["tiny-demo", "train.scheduler=foo"], ["train.scheduler='foo'", "cosine"]),
+    (["tiny-demo", "train.lr"], ["section.field=value"]),
     (["missing.py"], ["missing.py", "not found"]),
     (["sub/missing_recipe.py"], ["sub/missing_recipe.py", "not found"]),
 ])
@@ -253,7 +253,7 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, command, args, fragments
 
 def test_several_problems_are_reported_together(capsys, tmp_path):
     line = assert_one_line_error(capsys, tmp_path, [
-        "show", "demo", "adapter.rr=2", "adapter.r=x", "train.lr=-1", "adapter.dropout=2"],
+        "show", "tiny-demo", "adapter.rr=2", "adapter.r=x", "train.lr=-1", "adapter.dropout=2"],
         "4 problems")
     for key in ("adapter.rr", "adapter.r=", "train.lr", "adapter.dropout"):
         assert key in line
@@ -261,22 +261,22 @@ def test_several_problems_are_reported_together(capsys, tmp_path):
 
 def test_resume_on_a_fresh_directory(capsys, tmp_path):
     assert_one_line_error(capsys, tmp_path, [
-        "train", "demo", f"train.output_dir={tmp_path / 'runs'}", "--resume"],
+        "train", "tiny-demo", f"train.output_dir={tmp_path / 'runs'}", "--resume"],
         "--resume", "no complete checkpoint")
 
 
 def test_resume_before_overrides_still_reads_them(capsys, tmp_path):
     # --resume takes an optional CHECKPOINT: an override after it must stay an override
     assert_one_line_error(capsys, tmp_path, [
-        "train", "demo", "--resume", f"train.output_dir={tmp_path / 'runs'}"],
+        "train", "tiny-demo", "--resume", f"train.output_dir={tmp_path / 'runs'}"],
         "--resume", "no complete checkpoint")
 
 
 def test_train_refuses_a_directory_holding_files(capsys, tmp_path):
-    keep = tmp_path / "runs" / "demo" / "keep.txt"
+    keep = tmp_path / "runs" / "tiny-demo" / "keep.txt"
     keep.parent.mkdir(parents=True)
     keep.write_text("precious")
-    argv = ["train", "demo", "train.max_steps=3", "train.warmup_steps=1",
+    argv = ["train", "tiny-demo", "train.max_steps=3", "train.warmup_steps=1",
             f"train.output_dir={tmp_path / 'runs'}"]
     assert_one_line_error(capsys, tmp_path, argv, str(keep.parent), "--overwrite")
     # not a peftkit run: --overwrite must not delete it either
@@ -296,7 +296,7 @@ def test_broken_user_recipe_is_one_line(capsys, tmp_path):
 
 
 def test_cp_bad_destination_and_unknown_recipe(capsys, tmp_path):
-    assert_one_line_error(capsys, tmp_path, ["cp", "demo", "mine.txt"], "mine.txt", ".py")
+    assert_one_line_error(capsys, tmp_path, ["cp", "tiny-demo", "mine.txt"], "mine.txt", ".py")
     assert_one_line_error(capsys, tmp_path, ["cp", "dmeo", "mine.py"], "did you mean demo")
 
 
@@ -359,7 +359,7 @@ def test_start_up_imports_no_heavy_library():
 # The demo warms up for 20 steps; warmup longer than max_steps is a config error, hence
 # warmup_steps=1. Speed: evaluate on 8 rows held out of 256 training rows, not on the 200-row
 # test file (the held-out loss runs twice per run and dominates a 3-step run on 2 CPU cores).
-TRAIN = ["train", "demo", "train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4",
+TRAIN = ["train", "tiny-demo", "train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4",
          "train.eval_generate=4", "train.log_every=1", "train.save_every=2",
          "data.eval=", "data.eval_size=8", "data.max_samples=256"]
 
@@ -376,19 +376,19 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         rc = main([*TRAIN, f"train.output_dir={root / 'runs'}"])
-    return rc, root / "runs" / "demo"
+    return rc, root / "runs" / "tiny-demo"
 
 
 def test_train_writes_the_run_directory(trained):
     rc, run = trained
     assert rc == 0
-    assert sorted(p.name for p in run.parent.iterdir()) == ["demo"]  # nothing else
+    assert sorted(p.name for p in run.parent.iterdir()) == ["tiny-demo"]  # nothing else
 
     doc = json.loads((run / "recipe.json").read_text())
     for lib in ("torch", "transformers", "peft", "peftkit"):
         assert doc["versions"][lib], lib
     from peftkit.recipe.schema import recipe_from_dict
-    expected = apply_overrides(registry.resolve("demo").recipe,
+    expected = apply_overrides(registry.resolve("tiny-demo").recipe,
                                [*TRAIN[2:], f"train.output_dir={run.parent}"])
     assert recipe_from_dict(doc["recipe"]) == expected
 
@@ -434,8 +434,8 @@ def test_train_again_overwrite_and_resume(trained, tmp_path, capsys):
     rc, first = trained
     assert rc == 0
     runs = tmp_path / "runs"
-    shutil.copytree(first, runs / "demo")
-    run = runs / "demo"
+    shutil.copytree(first, runs / "tiny-demo")
+    run = runs / "tiny-demo"
     first_losses = [r["loss"] for r in loss_records(first)]
     capsys.readouterr()
 

@@ -57,7 +57,7 @@ def test_every_shipped_recipe_validates_and_is_described():
 
 def test_shipped_names_are_unique_and_resolve_to_their_recipe():
     entries = registry.shipped()
-    assert "demo" in entries and "llama3-8b-lora" in entries
+    assert "tiny-demo" in entries and "llama3-8b-lora" in entries
     for name, entry in entries.items():
         resolved = registry.resolve(name)
         assert resolved.name == name
@@ -66,7 +66,7 @@ def test_shipped_names_are_unique_and_resolve_to_their_recipe():
 
 
 def test_shipped_name_clash_is_an_error(tmp_path, monkeypatch):
-    source = (registry.recipes_dir() / "demo.py").read_text()
+    source = (registry.recipes_dir() / "tiny_demo.py").read_text()
     (tmp_path / "one.py").write_text(source.replace("launch=", "name='same', launch=", 1))
     (tmp_path / "two.py").write_text(source.replace("launch=", "name='same', launch=", 1))
     monkeypatch.setattr(registry, "recipes_dir", lambda: tmp_path)
@@ -74,7 +74,7 @@ def test_shipped_name_clash_is_an_error(tmp_path, monkeypatch):
         registry.shipped()
 
 
-@pytest.mark.parametrize("stem, name", [("llama3_8b_lora", "llama3-8b-lora"), ("demo", "demo"),
+@pytest.mark.parametrize("stem, name", [("llama3_8b_lora", "llama3-8b-lora"), ("tiny_demo", "tiny-demo"),
                                         ("a_b_c", "a-b-c"), ("already-dashed", "already-dashed")])
 def test_name_of_maps_underscores_to_dashes(stem, name):
     assert registry.name_of(Path("some_dir") / f"{stem}.py") == name
@@ -203,7 +203,7 @@ def test_parse_overrides_name_and_empty():
 # apply_overrides: a new, validated recipe; every problem at once
 
 def test_apply_overrides_returns_a_new_recipe():
-    recipe = registry.resolve("demo").recipe
+    recipe = registry.resolve("tiny-demo").recipe
     changed = apply_overrides(recipe, ["adapter.r=8", "train.lr=1e-4", "model.quantize=nf4",
                                        "name=other"])
     assert (changed.adapter.r, changed.train.lr, changed.model.quantize) == (8, 1e-4, "nf4")
@@ -224,7 +224,7 @@ def _problems(recipe, items) -> ConfigError:
 
 
 def test_apply_overrides_reports_every_problem_at_once():
-    recipe = registry.resolve("demo").recipe
+    recipe = registry.resolve("tiny-demo").recipe
     items = ["foo.bar=1", "train.batch_size=abc", "train.lr=-1", "adapter.dropout=1.5",
              "adapter.r=0"]
     exc = _problems(recipe, items)
@@ -238,7 +238,7 @@ def test_apply_overrides_reports_every_problem_at_once():
 
 
 def test_apply_overrides_reports_choice_and_range_problems_together():
-    recipe = registry.resolve("demo").recipe
+    recipe = registry.resolve("tiny-demo").recipe
     items = ["foo.bar=1", "train.batch_size=abc", "train.lr=-1", "adapter.dropout=1.5",
              "adapter.r=0", "train.scheduler=foo"]
     exc = _problems(recipe, items)
@@ -374,7 +374,7 @@ def test_mutable_defaults_are_refused():
 # ---------------------------------------------------------------------------------------------
 # registry.load_file: a user's recipe file
 
-DEMO_SOURCE = (Path(__file__).resolve().parents[1] / "recipes" / "demo.py").read_text()
+DEMO_SOURCE = (Path(__file__).resolve().parents[1] / "recipes" / "tiny_demo.py").read_text()
 
 
 def _load_error(path: Path) -> UserError:
@@ -393,7 +393,7 @@ def test_load_file_valid_user_recipe(tmp_path):
     entry = registry.load_file(path)
     assert entry.name == entry.recipe.name == "my-recipe"
     assert entry.description == DEMO_SOURCE.splitlines()[0].strip('"')
-    assert entry.recipe == dataclasses.replace(registry.resolve("demo").recipe, name="my-recipe")
+    assert entry.recipe == dataclasses.replace(registry.resolve("tiny-demo").recipe, name="my-recipe")
     # the module does not linger in sys.modules
     assert not [m for m in sys.modules if m.startswith("_peftkit_recipe_")]
 

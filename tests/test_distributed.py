@@ -33,12 +33,12 @@ SETTINGS = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0
             "train.max_steps=4", "train.save_every=2", "train.scheduler=linear"]
 
 
-def command(out, *extra, name="demo", settings=SETTINGS, nproc=2):
+def command(out, *extra, name="tiny-demo", settings=SETTINGS, nproc=2):
     return [sys.executable, "-m", "peftkit", "train", name, "--nproc", str(nproc), *settings,
             "train.batch_size=2", "train.grad_accum=2", f"train.output_dir={out}", *extra]
 
 
-def launch(out, *extra, name="demo", settings=SETTINGS, nproc=2):
+def launch(out, *extra, name="tiny-demo", settings=SETTINGS, nproc=2):
     """`peftkit train NAME --nproc 2` in a subprocess, each optimizer step two micro-batches
     of 2 per process (global batch 8, as one process with batch 8); returns the
     CompletedProcess."""
@@ -66,13 +66,13 @@ def ddp_run(tmp_path_factory):
     proc = launch(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accelerate launch" in proc.stderr and "--num_processes 2" in proc.stderr
-    return out / "demo", proc
+    return out / "tiny-demo", proc
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(ddp_run, tmp_path):
     ddp_path, proc = ddp_run
     assert "on 2 x cpu" in proc.stderr
-    entry = registry.resolve("demo")
+    entry = registry.resolve("tiny-demo")
     single = train(apply_overrides(entry.recipe, [*SETTINGS, "train.batch_size=8",
                                                    "train.grad_accum=1",
                                                    f"train.output_dir={tmp_path}"]))
@@ -106,7 +106,7 @@ def test_ddp_run_directory_is_written_once_and_loads_in_plain_peft(ddp_run):
 
 def test_two_process_resume_continues_the_trajectory(ddp_run, tmp_path):
     path, _ = ddp_run
-    copy = tmp_path / "demo"
+    copy = tmp_path / "tiny-demo"
     shutil.copytree(path, copy)
     shutil.rmtree(copy / "checkpoints" / "step-4")
     proc = launch(tmp_path, "--resume")
@@ -121,7 +121,7 @@ def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     proc = launch(out, "launch.strategy=fsdp")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "demo", proc
+    return out / "tiny-demo", proc
 
 
 def test_fsdp_trains_the_same_adapter_as_ddp_with_sharded_state(fsdp_run, ddp_run):
@@ -147,7 +147,7 @@ def test_fsdp_trains_the_same_adapter_as_ddp_with_sharded_state(fsdp_run, ddp_ru
 
 def test_fsdp_resume_continues_the_trajectory(fsdp_run, tmp_path):
     path, _ = fsdp_run
-    copy = tmp_path / "demo"
+    copy = tmp_path / "tiny-demo"
     shutil.copytree(path, copy)
     shutil.rmtree(copy / "checkpoints" / "step-4")
     proc = launch(tmp_path, "launch.strategy=fsdp", "--resume")
@@ -162,7 +162,7 @@ def test_fsdp_resumes_on_four_processes_a_run_checkpointed_on_two(fsdp_run, tmp_
     processes; grad_accum 2 -> 1 keeps the global batch (8 rows), so steps 3-4 train on the
     same rows and land on the same adapter."""
     path, _ = fsdp_run
-    copy = tmp_path / "demo"
+    copy = tmp_path / "tiny-demo"
     shutil.copytree(path, copy)
     shutil.rmtree(copy / "checkpoints" / "step-4")
     proc = launch(tmp_path, "launch.strategy=fsdp", "--resume", nproc=4)
@@ -180,10 +180,10 @@ def test_fsdp_resumes_on_four_processes_a_run_checkpointed_on_two(fsdp_run, tmp_
 def test_ddp_resumes_in_one_process_a_run_checkpointed_on_two(ddp_run, tmp_path):
     """Elastic resume, DDP: 2 processes x grad_accum 2 -> 1 process x grad_accum 4."""
     path, _ = ddp_run
-    copy = tmp_path / "demo"
+    copy = tmp_path / "tiny-demo"
     shutil.copytree(path, copy)
     shutil.rmtree(copy / "checkpoints" / "step-4")
-    recipe = apply_overrides(registry.resolve("demo").recipe,
+    recipe = apply_overrides(registry.resolve("tiny-demo").recipe,
                              [*SETTINGS, "train.batch_size=2", "train.grad_accum=2",
                               f"train.output_dir={tmp_path}"])
     train(recipe, resume=True)
@@ -228,13 +228,13 @@ def test_deepspeed_zero2_trains_the_same_adapter_as_ddp(ddp_run, tmp_path):
         in " ".join(proc.stderr.split())
     assert "is deprecated" not in proc.stderr  # DeepSpeed's collective warnings are muted
     ddp_path, _ = ddp_run
-    zero, ddp = step_losses(tmp_path / "demo"), step_losses(ddp_path)
+    zero, ddp = step_losses(tmp_path / "tiny-demo"), step_losses(ddp_path)
     assert [zero[s] for s in sorted(zero)] == pytest.approx([ddp[s] for s in sorted(ddp)],
                                                             rel=1e-5)
-    a, b = adapter(tmp_path / "demo"), adapter(ddp_path)
+    a, b = adapter(tmp_path / "tiny-demo"), adapter(ddp_path)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
-    ckpt = tmp_path / "demo" / "checkpoints" / "step-4"
+    ckpt = tmp_path / "tiny-demo" / "checkpoints" / "step-4"
     assert sorted(p.name for p in ckpt.glob("optimizer*.pt")) == ["optimizer-rank0.pt",
                                                                   "optimizer-rank1.pt"]
 
@@ -246,12 +246,12 @@ def test_deepspeed_zero3_shards_weights_trains_like_ddp_and_resumes(ddp_run, tmp
     held, whole = re.search(r"\(DeepSpeed ZeRO-3: this process holds ([\d.]+) MB of "
                             r"([\d.]+) MB of weights\)", " ".join(proc.stderr.split())).groups()
     assert float(held) == pytest.approx(float(whole) / 2, rel=0.02)
-    path, (ddp_path, _) = tmp_path / "full" / "demo", ddp_run
+    path, (ddp_path, _) = tmp_path / "full" / "tiny-demo", ddp_run
     assert step_losses(path) == pytest.approx(step_losses(ddp_path), rel=1e-5)
     a, b = adapter(path), adapter(ddp_path)  # gathered from the partitions, saved once
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
     # Resume from step 2: each process loads its optimizer partition back.
-    copy = tmp_path / "resumed" / "demo"
+    copy = tmp_path / "resumed" / "tiny-demo"
     shutil.copytree(path, copy)
     shutil.rmtree(copy / "checkpoints" / "step-4")
     proc = launch(tmp_path / "resumed", "launch.strategy=deepspeed", "launch.zero_stage=3",
@@ -322,7 +322,7 @@ def test_two_machines_train_as_one_world_like_one_process(ddp_run, tmp_path):
         assert (f"accelerate launch --num_processes 2 --num_machines 2 --machine_rank {rank} "
                 "--main_process_ip 127.0.0.1") in err[rank]
     assert "on 2 x cpu" in err[0]
-    path, (ddp_path, _) = tmp_path / "demo", ddp_run
+    path, (ddp_path, _) = tmp_path / "tiny-demo", ddp_run
     losses, ddp = step_losses(path), step_losses(ddp_path)
     assert sorted(losses) == [1, 2, 3, 4]  # each step logged once: one writer
     assert [losses[s] for s in sorted(losses)] == pytest.approx([ddp[s] for s in sorted(ddp)],
@@ -341,7 +341,7 @@ def test_two_machines_stop_together_on_sigterm_and_resume_needs_the_checkpoint_o
     checkpoint (no shared filesystem, not copied): both refuse in one line, exit 2."""
     long = [*SETTINGS, "train.max_steps=200", "train.save_every=0"]
     procs, logs = two_machines([tmp_path, tmp_path], settings=long)
-    run = tmp_path / "demo"
+    run = tmp_path / "tiny-demo"
     deadline = time.monotonic() + 300
     while not logged(run):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
@@ -367,7 +367,7 @@ def test_two_machines_stop_together_on_sigterm_and_resume_needs_the_checkpoint_o
 def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path):
     """grad_accum is scaled to keep batch_size x grad_accum x processes; the data position
     is recounted in the new micro-batches; what cannot be kept is refused in one line."""
-    recipe = apply_overrides(registry.resolve("demo").recipe,
+    recipe = apply_overrides(registry.resolve("tiny-demo").recipe,
                              ["train.batch_size=2", "train.grad_accum=3"])
     state = {"world_size": 2, "step": 5, "epoch": 1, "index": 6,
              "recipe": {"train": {"batch_size": 2, "grad_accum": 3}}}
@@ -391,4 +391,4 @@ def test_bad_input_inside_the_workers_is_one_line_and_exit_2(tmp_path):
     assert lines[0].startswith("launching: ACCELERATE_USE_CPU=true accelerate launch ")
     assert len(lines) == 2 and lines[1].startswith("error: ") and "missing.jsonl" in lines[1], \
         proc.stderr
-    assert not (tmp_path / "demo").exists()
+    assert not (tmp_path / "tiny-demo").exists()

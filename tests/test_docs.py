@@ -169,7 +169,7 @@ def test_every_setting_named_is_a_recipe_field():
 
 
 def test_every_override_shown_is_a_value_the_field_accepts():
-    demo, checked = registry.shipped()["demo"].recipe, 0
+    demo, checked = registry.shipped()["tiny-demo"].recipe, 0
     for page in PAGES:
         for span in re.findall(r"`([^`\n]+)`", text(page)):
             items = span.split()

@@ -18,7 +18,7 @@ PROMPT = "Sort: 3 1 2"
 
 
 def demo_run(tmp_path_factory, *overrides):
-    entry = registry.resolve("demo")
+    entry = registry.resolve("tiny-demo")
     recipe = apply_overrides(entry.recipe, [
         "model.tiny_size=xs", "data.max_samples=64", "data.eval=", "data.eval_size=24",
         "train.eval_generate=0", "train.batch_size=8", "train.warmup_steps=0",

@@ -202,12 +202,12 @@ def failed_push_run(tmp_path_factory):
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            rc = main(["train", "demo", *QUICK, f"train.output_dir={root}",
+            rc = main(["train", "tiny-demo", *QUICK, f"train.output_dir={root}",
                        "hub.repo_id=me/demo-lora", "hub.push_at_end=true"])
     finally:
         hub.stop()
         mp.undo()
-    return root / "demo", rc, err.getvalue(), hub.requests
+    return root / "tiny-demo", rc, err.getvalue(), hub.requests
 
 
 def test_push_at_end_failure_exits_1_and_keeps_the_run(failed_push_run):
@@ -309,10 +309,10 @@ def test_push_without_a_token_is_a_one_line_input_error(failed_push_run, monkeyp
 
 def test_push_at_end_without_a_token_fails_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    rc, _, err = cli(capsys, "train", "demo", *QUICK, f"train.output_dir={tmp_path}",
+    rc, _, err = cli(capsys, "train", "tiny-demo", *QUICK, f"train.output_dir={tmp_path}",
                      "hub.repo_id=me/demo-lora", "hub.push_at_end=true")
     assert rc == 2 and err.startswith("error: no Hugging Face token")
-    assert not (tmp_path / "demo").exists()  # nothing trained, nothing written
+    assert not (tmp_path / "tiny-demo").exists()  # nothing trained, nothing written
 
 
 def test_card_metadata_of_a_real_recipe_names_base_model_and_dataset():

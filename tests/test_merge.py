@@ -28,7 +28,7 @@ QUICK = ["model.tiny_size=xs", "data.max_samples=64", "data.eval=", "data.eval_s
 
 
 def quick_run(root, *overrides):
-    entry = registry.resolve("demo")
+    entry = registry.resolve("tiny-demo")
     recipe = apply_overrides(entry.recipe, [*QUICK, f"train.output_dir={root}", *overrides])
     return train(recipe, str(entry.path)).path
 
@@ -231,7 +231,7 @@ def test_building_a_tiny_base_in_a_fresh_process_is_quiet(tmp_path):
 def test_loading_a_base_prints_a_note_not_a_progress_bar(capsys):
     from peftkit.model.loading import base_path, load_model
 
-    tiny = registry.resolve("demo").recipe.model
+    tiny = registry.resolve("tiny-demo").recipe.model
     path = base_path(tiny)
     notes = []
     load_model(path, tiny, torch.float32, say=notes.append)

@@ -40,7 +40,7 @@ METHODS = {
 
 
 def recipe_for(tmp_path, name, *overrides):
-    entry = registry.resolve("demo")
+    entry = registry.resolve("tiny-demo")
     return apply_overrides(entry.recipe, [*TINY, f"train.output_dir={tmp_path}",
                                           f"name={name}", *overrides]), str(entry.path)
 
@@ -158,7 +158,7 @@ def test_init_maps_to_peft(init, expected):
 
 
 def test_incompatible_settings_are_reported_together():
-    entry = registry.resolve("demo")
+    entry = registry.resolve("tiny-demo")
     with pytest.raises(ConfigError) as info:
         apply_overrides(entry.recipe, [
             "adapter.method=ia3", "adapter.use_dora=true", "adapter.init=pissa_niter_x",
@@ -190,7 +190,7 @@ def test_show_prints_each_method(capsys):
 
     counts = {}
     for method in ("lora", "ia3", "prompt_tuning"):
-        assert main(["show", "demo", "model.tiny_size=xs", f"adapter.method={method}",
+        assert main(["show", "tiny-demo", "model.tiny_size=xs", f"adapter.method={method}",
                      "adapter.modules_to_save="]) == 0
         line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("parameters")]
         counts[method] = int(line[0].split()[1].replace(",", ""))

@@ -92,7 +92,7 @@ def test_every_problem_is_reported_naming_data_train(text, fragments):
 
 
 def test_recipe_validation_reports_mix_problems_with_the_others():
-    demo = registry.resolve("demo").recipe
+    demo = registry.resolve("tiny-demo").recipe
     with pytest.raises(ConfigError) as info:
         apply_overrides(demo, ["data.train=a.jsonl=0.6,b.jsonl=seven", "data.eval=x.jsonl,y.jsonl",
                                "train.lr=-1"])
@@ -194,7 +194,7 @@ def test_show_data_prints_the_mix(three_sources, capsys):
     from peftkit.cli.app import main
 
     a, b, c = three_sources
-    assert main(["show", "demo", "model.tiny_size=xs", f"data.train={a}=0.5,{b}=0.3,{c}=0.2",
+    assert main(["show", "tiny-demo", "model.tiny_size=xs", f"data.train={a}=0.5,{b}=0.3,{c}=0.2",
                  "data.format=auto", "data.eval=", "data.eval_size=0", "data.max_samples=0",
                  "--data"]) == 0
     out = capsys.readouterr().out
@@ -209,7 +209,7 @@ def test_the_card_lists_the_mix():
 
     from peftkit.run.card import metadata, model_card
 
-    recipe = apply_overrides(registry.resolve("demo").recipe,
+    recipe = apply_overrides(registry.resolve("tiny-demo").recipe,
                              ["data.train=a.jsonl=0.75, owner/chat:train=0.25"])
     sources = [{"source": "a.jsonl", "weight": "0.75", "format": "alpaca", "rows": 30,
                 "samples": 30},

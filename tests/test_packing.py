@@ -164,7 +164,7 @@ def test_training_packed_and_compiled_equals_training_padded(tmp_path):
     from peftkit.training.loop import train
 
     def run(path, *overrides):
-        entry = registry.resolve("demo")
+        entry = registry.resolve("tiny-demo")
         recipe = apply_overrides(entry.recipe, [
             "model.tiny_size=xs", "data.max_samples=64", "data.eval=", "data.eval_size=0",
             "train.max_steps=3", "train.batch_size=8", "train.warmup_steps=0",

@@ -314,7 +314,7 @@ def test_orpo_trains(tmp_path):
 def test_sft_then_dpo_on_one_adapter(tmp_path):
     sft = run(tmp_path / "sft", "train.max_steps=3", "train.objective=sft",
               f"data.train={resolve_source('peftkit:data/sort_reverse/train.jsonl')}",
-              "data.eval=", recipe="demo")
+              "data.eval=", recipe="tiny-demo")
     start = {n: p.detach().clone() for n, p in sft.model.named_parameters() if p.requires_grad}
     dpo = run(tmp_path / "dpo", "train.max_steps=2", f"model.adapter_init={sft.path}",
               "data.eval_size=8")
@@ -375,7 +375,7 @@ def test_bad_preference_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, 
 def test_adapter_init_must_fit_the_recipe_adapter(tmp_path):
     sft = run(tmp_path / "sft", "train.max_steps=1", "train.objective=sft",
               f"data.train={resolve_source('peftkit:data/sort_reverse/train.jsonl')}",
-              "data.eval=", "adapter.targets=q_proj,v_proj", recipe="demo")
+              "data.eval=", "adapter.targets=q_proj,v_proj", recipe="tiny-demo")
     with pytest.raises(UserError, match="model.adapter_init.*does not fit"):
         run(tmp_path / "dpo", "train.max_steps=1", f"model.adapter_init={sft.path}",
             "adapter.targets=q_proj,v_proj", "adapter.r=4")

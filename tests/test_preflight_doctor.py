@@ -31,7 +31,7 @@ ROWS = [
 def data_recipe(tmp_path):
     file = tmp_path / "rows.jsonl"
     file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    entry = registry.resolve("demo")
+    entry = registry.resolve("tiny-demo")
     overrides = ["model.tiny_size=xs", f"data.train={file}", "data.format=auto", "data.eval=",
                  "data.eval_size=0", f"data.max_len={MAX_LEN}"]
     return apply_overrides(entry.recipe, overrides), overrides
@@ -89,7 +89,7 @@ def test_percentile_is_nearest_rank():
 
 def test_show_data_prints_the_report(data_recipe, capsys):
     recipe, overrides = data_recipe
-    assert main(["show", "demo", *overrides, "--data"]) == 0
+    assert main(["show", "tiny-demo", *overrides, "--data"]) == 0
     out = capsys.readouterr().out
     report = preflight(recipe)
     assert "records: 6 train rows -> 5 samples" in out
@@ -127,7 +127,7 @@ def test_tensorboard_gets_the_metrics_jsonl_numbers(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert main(["train", "demo", "model.tiny_size=xs", "data.max_samples=16", "data.eval=",
+    assert main(["train", "tiny-demo", "model.tiny_size=xs", "data.max_samples=16", "data.eval=",
                  "data.eval_size=8", "train.max_steps=3", "train.batch_size=4",
                  "train.warmup_steps=0", "train.log_every=1", "train.eval_generate=0",
                  "train.save_every=0", f"train.output_dir={tmp_path}", "name=tracked",
@@ -153,7 +153,7 @@ def test_missing_tracker_is_a_clear_error(tmp_path, capsys):
 
     if available("wandb"):
         pytest.skip("wandb is installed here")
-    assert main(["train", "demo", "model.tiny_size=xs", f"train.output_dir={tmp_path}",
+    assert main(["train", "tiny-demo", "model.tiny_size=xs", f"train.output_dir={tmp_path}",
                  "--report-to", "wandb"]) == 2
     assert "train.report_to=wandb: wandb is not installed; pip install wandb" \
         in capsys.readouterr().err

@@ -23,7 +23,7 @@ from peftkit.errors import RunError
 
 # 24 rows, batch 4 x accumulation 2: 6 micro-batches, 3 optimizer steps per epoch.
 GEOMETRY = ["data.max_samples=24", "train.batch_size=4", "train.grad_accum=2"]
-ARGS = ["train", "demo", "model.tiny_size=xs", "data.eval=", "data.eval_size=0",
+ARGS = ["train", "tiny-demo", "model.tiny_size=xs", "data.eval=", "data.eval_size=0",
         "train.eval_generate=0", "train.log_every=1", "train.eval_every=0",
         "adapter.dropout=0.1", "train.lr=3e-3", "train.warmup_steps=2", "train.scheduler=cosine",
         "train.max_steps=8", "train.save_every=0", *GEOMETRY]
@@ -72,7 +72,7 @@ def straight(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_TOKEN", "hf_doNotLeakThisToken123")
         assert main([*ARGS, f"train.output_dir={out}"]) == 0
-    return out / "demo"
+    return out / "tiny-demo"
 
 
 def test_stopped_twice_and_resumed_equals_uninterrupted(tmp_path, capsys, monkeypatch,
@@ -87,23 +87,23 @@ def test_stopped_twice_and_resumed_equals_uninterrupted(tmp_path, capsys, monkey
     line = err.strip().splitlines()[-1]
     assert line.startswith("stopped by SIGTERM after step 2; checkpoint ")
     assert line.endswith("Resume with: peftkit train demo " + " ".join(argv[2:]) + " --resume")
-    assert [p.name for p in checkpoint.step_dirs(runs / "demo" / "checkpoints")] == ["step-2"]
+    assert [p.name for p in checkpoint.step_dirs(runs / "tiny-demo" / "checkpoints")] == ["step-2"]
     assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
     # ... then after step 5 (in the middle of epoch 1: the order of epoch 1 must be replayed) ...
     stop_at(monkeypatch, 3)
     rc, _, err = cli(capsys, *argv, "--resume")
     assert rc == 143 and "after step 5" in err, err
-    state = checkpoint.verify(runs / "demo" / "checkpoints" / "step-5")
+    state = checkpoint.verify(runs / "tiny-demo" / "checkpoints" / "step-5")
     assert (state["epoch"], state["index"]) == (1, 4)
     # ... and finish.
     monkeypatch.undo()
     rc, _, err = cli(capsys, *argv, "--resume")
     assert rc == 0, err
 
-    expected, got = loss_by_step(straight), loss_by_step(runs / "demo")
+    expected, got = loss_by_step(straight), loss_by_step(runs / "tiny-demo")
     assert sorted(got) == list(range(1, 9))
     assert got == expected  # bitwise: same floats at every step
-    a, b = adapter_weights(straight), adapter_weights(runs / "demo")
+    a, b = adapter_weights(straight), adapter_weights(runs / "tiny-demo")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -116,7 +116,7 @@ def test_no_environment_token_in_run_files(straight):
 
 def test_resume_allows_and_reports_harmless_changes(tmp_path, capsys, straight):
     moved = tmp_path / "elsewhere"
-    shutil.copytree(straight, moved / "demo")  # the user moved the run directory
+    shutil.copytree(straight, moved / "tiny-demo")  # the user moved the run directory
     rc, out, err = cli(capsys, *ARGS, f"train.output_dir={moved}", "train.max_steps=9",
                        "train.log_every=3", "--resume")
     assert rc == 0, err
@@ -124,10 +124,10 @@ def test_resume_allows_and_reports_harmless_changes(tmp_path, capsys, straight):
     assert "resuming with changed settings (allowed)" in said
     for change in ("train.max_steps: 8 -> 9", "train.log_every: 1 -> 3", "train.output_dir"):
         assert change in said, (change, said)
-    got = loss_by_step(moved / "demo")
+    got = loss_by_step(moved / "tiny-demo")
     assert max(got) == 9 and {k: got[k] for k in range(1, 9)} == loss_by_step(straight)
     # recipe.json now holds the recipe the run finished with, and says it resumed.
-    doc = json.loads((moved / "demo" / "recipe.json").read_text())
+    doc = json.loads((moved / "tiny-demo" / "recipe.json").read_text())
     before = json.loads((straight / "recipe.json").read_text())
     assert doc["recipe"]["train"]["max_steps"] == 9 and doc["created"] == before["created"]
     assert [r["from_step"] for r in doc["resumed"]] == [8]
@@ -318,7 +318,7 @@ def test_divergence_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, cap
     last = err.splitlines()[-1]  # the progress lines of the steps taken come before it
     assert last.startswith("error: loss or gradients became non-finite at step 2; the last "
                            f"good checkpoint is {runs / 'demo' / 'checkpoints' / 'step-1'}"), err
-    run = runs / "demo"
+    run = runs / "tiny-demo"
     assert not (run / "adapter").exists()  # no final adapter
     assert [p.name for p in checkpoint.step_dirs(run / "checkpoints")] == ["step-1"]
     checkpoint.verify(run / "checkpoints" / "step-1")

@@ -20,7 +20,7 @@ from peftkit.training import checkpoint
 from peftkit.training import signals
 from peftkit.cli.app import main
 
-ARGS = ["train", "demo", "model.tiny_size=xs", "data.eval=", "data.eval_size=0",
+ARGS = ["train", "tiny-demo", "model.tiny_size=xs", "data.eval=", "data.eval_size=0",
         "train.eval_generate=0", "train.log_every=1", "train.warmup_steps=0",
         "data.max_samples=64", "train.batch_size=4"]
 
@@ -59,7 +59,7 @@ def send_after_step(run: Path, step: int, signum: int) -> threading.Thread:
                                                   (signal.SIGINT, 130, False)])
 def test_a_signal_checkpoints_and_prints_the_resume_command(tmp_path, capsys, signum, code,
                                                             resume):
-    run = tmp_path / "runs" / "demo"
+    run = tmp_path / "runs" / "tiny-demo"
     argv = [*ARGS, f"train.output_dir={tmp_path / 'runs'}", "train.max_steps=12"]
     received = []
     previous = signal.signal(signum, lambda *a: received.append(a))  # if it came too late
@@ -198,7 +198,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, capsys):
         child.kill()  # SIGKILL: no handler, no cleanup
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    checkpoints = runs / "demo" / "checkpoints"
+    checkpoints = runs / "tiny-demo" / "checkpoints"
     partial = Path(marker.read_text())
     assert partial == checkpoints / ".tmp-step-4" and (partial / "state.json").is_file()
     assert not (partial / checkpoint.MANIFEST).exists()
@@ -206,14 +206,14 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, capsys):
     assert checkpoint.verify(checkpoints / "step-3")["step"] == 3
 
     # The killed process had logged step 4 before it began the checkpoint of step 4.
-    killed = losses(runs / "demo")
+    killed = losses(runs / "tiny-demo")
     assert sorted(killed) == [1, 2, 3, 4]
 
     # --resume continues from step 3 and cleans up; step 4 again gives the same loss.
     assert main([*argv, f"train.output_dir={runs}", "--resume"]) == 0, capsys.readouterr().err
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-5", "step-6"]
-    resumed = losses(runs / "demo")
+    resumed = losses(runs / "tiny-demo")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in (1, 2, 3)] == [killed[s] for s in (1, 2, 3)]
     assert resumed[4] == pytest.approx(killed[4], rel=1e-6)  # another process: not bitwise
-    assert (runs / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (runs / "tiny-demo" / "adapter" / "adapter_model.safetensors").is_file()

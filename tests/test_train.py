@@ -15,7 +15,7 @@ FAST = ["model.tiny_size=xs", "data.max_samples=512", "train.eval_generate=0",
         "train.log_every=1", "train.warmup_steps=0", "adapter.dropout=0.0"]
 
 
-def run(tmp_path, *overrides, recipe="demo", **kwargs):
+def run(tmp_path, *overrides, recipe="tiny-demo", **kwargs):
     entry = registry.resolve(recipe)
     cfg = apply_overrides(entry.recipe, [*FAST, f"train.output_dir={tmp_path}", *overrides])
     return train(cfg, str(entry.path), **kwargs)

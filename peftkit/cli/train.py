@@ -113,9 +113,16 @@ def _print_summary(result) -> None:
     if "exact_match" in after:
         was = f"{100 * before['exact_match']:.1f}% -> " if "exact_match" in before else ""
         console.print(f"held-out exact match: {was}[bold]{100 * after['exact_match']:.1f}%[/]")
+        # The same prompts come first before and after: show how each answer changed.
+        first = {prompt: answer for prompt, answer, _ in before.get("samples", [])}
         for prompt, answer, ref in after.get("samples", []):
             mark = "[green]ok[/]" if answer == ref else "[red]x[/]"
-            console.print(f"  {mark} {prompt!r} -> {answer!r} (expected {ref!r})")
+            was = f"{first[prompt]!r} -> " if prompt in first else ""
+            console.print(f"  {mark} {prompt!r}: {was}{answer!r} (expected {ref!r})")
+    if result.forgetting is not None:
+        f = result.forgetting
+        console.print(f"general-text loss (forgetting meter): base {f.before:.4f} -> adapted "
+                      f"{f.after:.4f} ({100 * f.rise:+.1f}%)")
     console.print(f"run directory: {result.path}  (adapter: {result.path / 'adapter'})")
 
 

@@ -157,7 +157,7 @@ def record(path: Path, recipe, kind: str, entry: dict) -> None:
         from types import SimpleNamespace
 
         fields = {"steps": 0, "trainable": 0, "total": 0, "train_loss": math.nan,
-                  "tokens_per_s": 0.0, "evals": {}}
+                  "tokens_per_s": 0.0, "evals": {}, "forgetting": None}
         saved = json.loads(result_file.read_text())
         result = SimpleNamespace(**{k: saved.get(k, v) for k, v in fields.items()})
         RunDir(path).card.write_text(

@@ -143,6 +143,12 @@ class Train:
     eval_generate: int = _f(0, "held-out prompts answered by greedy decoding before and after "
                                "training, scored by exact match (0 = off)")
     max_new_tokens: int = _f(32, "token budget per answer for eval_generate")
+    forgetting: bool | None = _f(None, "measure the loss on a small general-English sample "
+                                       "with the adapter disabled and enabled after training "
+                                       "(result.json, model card); none = on for a real "
+                                       "base, off for a tiny one")
+    forgetting_warn: float = _f(0.05, "warn when that loss rises by more than this fraction "
+                                      "(0.05 = 5%)")
     output_dir: str = _f("runs", "parent directory of run directories")
     objective: str = _f("sft", "what training optimises: sft (next-token loss), dpo (direct "
                                "preference optimisation) or orpo (odds-ratio preference) on "
@@ -197,7 +203,8 @@ SECTIONS = {"model": Model, "adapter": Lora, "data": Data, "train": Train, "laun
 RESUME_SAFE = frozenset({
     "name", "train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
     "train.save_every", "train.keep_checkpoints", "train.eval_generate", "train.max_new_tokens",
-    "train.output_dir", "train.gradient_checkpointing", "data.eval", "model.attn_implementation",
+    "train.output_dir", "train.gradient_checkpointing", "train.forgetting",
+    "train.forgetting_warn", "data.eval", "model.attn_implementation",
     "data.packing", "train.compile",  # same samples and loss per step, only faster
     "launch.num_processes", "launch.hardware", "train.report_to",
     "hub.repo_id", "hub.private", "hub.revision", "hub.license", "hub.push_at_end",

@@ -106,7 +106,7 @@ def problems_of(recipe: Recipe) -> list[str]:
     _positive(problems, "train.grad_accum", t.grad_accum)
     _positive(problems, "train.epochs", t.epochs)
     for key in ("max_steps", "warmup_steps", "max_grad_norm", "weight_decay", "log_every",
-                "eval_every", "save_every", "eval_generate"):
+                "eval_every", "save_every", "eval_generate", "forgetting_warn"):
         _positive(problems, f"train.{key}", getattr(t, key), allow_zero=True)
     _positive(problems, "train.keep_checkpoints", t.keep_checkpoints)
     _positive(problems, "train.max_new_tokens", t.max_new_tokens)

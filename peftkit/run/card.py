@@ -98,6 +98,18 @@ def _table(evals: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _forgetting_line(result) -> str:
+    """The forgetting meter's figures (peftkit/training/forgetting.py), when it ran: a
+    Forgetting from training, or its dict from result.json (eval, push)."""
+    f = getattr(result, "forgetting", None)
+    if not f:
+        return ""
+    f = f if isinstance(f, dict) else f.to_dict()
+    return (f"General-text loss (forgetting meter, {f['samples']} samples of `{f['corpus']}`): "
+            f"{f['before']:.4f} for the base, {f['after']:.4f} with the adapter "
+            f"({100 * f['rise']:+.1f}%).\n\n")
+
+
 def _fmt(key: str, value) -> str:
     if not isinstance(value, (int, float)):
         return "-"
@@ -139,7 +151,8 @@ def model_card(recipe: Recipe, result, metrics: list[dict], evals: dict | None =
         f"- throughput: {result.tokens_per_s:,.0f} useful tokens/s\n"
         + (f"- peak training memory: {peak / 2**20:,.0f} MiB\n" if peak else "") + "\n"
         + data_section(metrics) +
-        f"## Evaluation (held-out data)\n\n{_table(result.evals)}\n{eval_table(evals)}"
+        f"## Evaluation (held-out data)\n\n{_table(result.evals)}\n{_forgetting_line(result)}"
+        f"{eval_table(evals)}"
         + (f"## Merge\n\n{merge_section(merge)}" if merge is not None else "") +
         "## Training curve\n\n![loss](loss.png)\n\n"
         f"## Usage\n\n{usage(repo_id or recipe.hub.repo_id, merged=merge is not None)}\n"

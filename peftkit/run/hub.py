@@ -165,5 +165,5 @@ def _result(run: Path) -> SimpleNamespace:
         raise UserError(f"{run}: no result.json (did training finish?); the model card "
                         "needs training's numbers")
     fields = {"steps": 0, "trainable": 0, "total": 0, "train_loss": math.nan,
-              "tokens_per_s": 0.0, "evals": {}, "memory": {}}
+              "tokens_per_s": 0.0, "evals": {}, "forgetting": None, "memory": {}}
     return SimpleNamespace(**{k: saved.get(k, v) for k, v in fields.items()})

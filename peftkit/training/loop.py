@@ -26,7 +26,7 @@ from peftkit.errors import RunError
 from peftkit.model import memory
 from peftkit.recipe.schema import Recipe
 from peftkit.run import card, hub, plot, rundir, tracking
-from peftkit.training import checkpoint, distributed, signals
+from peftkit.training import checkpoint, distributed, forgetting, signals
 from peftkit.training.distributed import full_state_dict
 from peftkit.training.evaluation import exact_match
 from peftkit.training.progress import TrainProgress
@@ -52,6 +52,7 @@ class RunResult:
     step_seconds: list = field(default_factory=list)  # wall time of each step (peftkit bench)
     memory: dict = field(default_factory=dict)  # estimated vs measured peak (memory.report)
     probe: dict = field(default_factory=dict)  # loss on the batch `peftkit merge` checks
+    forgetting: forgetting.Forgetting | None = None  # general-text loss, base vs adapted
 
 
 def train(recipe: Recipe, source: str = "", *, overwrite: bool = False,
@@ -230,6 +231,13 @@ def _finish(state: TrainingState, show: TrainProgress, log: tracking.TrackedLog,
     result.probe = run.objective.record_probe(acc, state.opt.loss_module, data.eval,
                                       data.tokenizer.pad_token_id, run.precision,
                                       recipe.model.quantize)
+    if forgetting.enabled(recipe):  # has the adapter damaged the base's general ability?
+        token_loss = run.objective.token_loss(acc, state.opt.loss_module)
+        result.forgetting = forgetting.measure(acc, token_loss, model.peft_model,
+                                               data.tokenizer, recipe.train.batch_size)
+        alarm = forgetting.warning(result.forgetting, recipe.train.forgetting_warn)
+        if alarm:
+            show.note(f"[yellow]warning:[/] {alarm}")
     result.memory = memory.report(memory.estimate(recipe, model.model.config, run.precision),
                                   model.peak)
     state_dict = full_state_dict(acc, state.opt.loss_module, model.peft_model)
@@ -277,4 +285,5 @@ def _save_outputs(path: Path, recipe: Recipe, peft_model, tokenizer, tokenizer_c
         "steps": result.steps, "trainable": result.trainable, "total": result.total,
         "train_loss": result.train_loss, "tokens_per_s": result.tokens_per_s,
         "data": result.data, "evals": {k: _scalars(v) for k, v in result.evals.items()},
-        "memory": result.memory, "probe": result.probe})
+        "memory": result.memory, "probe": result.probe,
+        "forgetting": result.forgetting.to_dict() if result.forgetting else None})

@@ -54,6 +54,10 @@ class NextTokenObjective:
     def step_metrics(self, accelerator, loss_module) -> dict:
         return {}
 
+    def token_loss(self, accelerator, loss_module):
+        """A next-token loss over the run's model (the forgetting meter's)."""
+        return loss_module
+
     def record_probe(self, accelerator, loss_module, held_out: list, pad_id: int, precision,
                      quantize: str | None) -> dict:
         return probe.record_probe(accelerator, loss_module, held_out, pad_id, precision,
@@ -117,6 +121,9 @@ class PreferenceObjective(NextTokenObjective):
     def step_metrics(self, accelerator, loss_module) -> dict:
         sums = accelerator.unwrap_model(loss_module).take_running().to(accelerator.device)
         return preference.reward_metrics(accelerator.reduce(sums, reduction="sum").cpu())
+
+    def token_loss(self, accelerator, loss_module):
+        return TokenLoss(accelerator.unwrap_model(loss_module).model)
 
     def record_probe(self, accelerator, loss_module, held_out: list, pad_id: int, precision,
                      quantize: str | None) -> dict:

@@ -13,6 +13,7 @@ import pytest
 
 from peftkit.bench import harness as bench
 from peftkit.bench import data as bench_data
+from peftkit.bench import same_work
 from peftkit.cli.app import main
 
 QUICK = ["model.tiny_size=xs", "train.batch_size=8"]  # the demo recipe: chat rows, max_len 64
@@ -168,7 +169,7 @@ def test_a_different_computation_is_refused(compared, monkeypatch):
 
     monkeypatch.setattr(bench_hf, "lora_config", doubled)
     other = json.loads(json.dumps(run_side("hf", recipe)))
-    verdict = bench.equal_work(_work(result, sides), {"peftkit": sides["peftkit"], "hf": other},
+    verdict = same_work.equal_work(_work(result, sides), {"peftkit": sides["peftkit"], "hf": other},
                                STEPS, mixed=False)
     assert not verdict.ok
     assert any("hf: loss on the identical first batch (adapter on)" in p
@@ -182,12 +183,12 @@ def test_a_different_computation_is_refused(compared, monkeypatch):
 def test_equal_work_checks(compared):
     _, result, sides, _, _ = compared
     work = _work(result, sides)
-    verdict = bench.equal_work(work, sides, STEPS, mixed=False)
+    verdict = same_work.equal_work(work, sides, STEPS, mixed=False)
     assert verdict.ok and verdict.problems == [] and set(verdict.info) == {"hf", "hf-grouped"}
     # Training order alone: another trajectory over the same samples passes, reported.
     other = copy.deepcopy(sides)
     other["hf"]["step_loss"] = [x * 1.3 for x in other["peftkit"]["step_loss"]]
-    verdict = bench.equal_work(work, other, STEPS, mixed=False)
+    verdict = same_work.equal_work(work, other, STEPS, mixed=False)
     assert verdict.ok and verdict.info["hf"]["mean_loss_vs_peftkit"] == pytest.approx(0.3)
     # Each difference in computation refuses, named.
     changes = {
@@ -203,7 +204,7 @@ def test_equal_work_checks(compared):
     for fragment, change in changes.items():
         other = copy.deepcopy(sides)
         change(other["hf"])
-        problems = bench.equal_work(work, other, STEPS, mixed=False).problems
+        problems = same_work.equal_work(work, other, STEPS, mixed=False).problems
         assert len(problems) == 1 and problems[0].startswith("hf: ") \
             and fragment in problems[0], (fragment, problems)
 

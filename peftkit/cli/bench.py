@@ -37,6 +37,7 @@ def add_parser(subparsers) -> None:
 def cmd_bench(args) -> int:
     # imports torch (seconds): kept out of CLI start-up
     from peftkit.bench import harness
+    from peftkit.bench.same_work import UnequalWork
 
     entry, recipe = resolve_recipe(args)
     vs = [v.strip() for v in (args.vs or "").split(",") if v.strip()]
@@ -50,6 +51,6 @@ def cmd_bench(args) -> int:
         console.print(line)
     console.print(f"results: {out} and {out.with_suffix('.png')}")
     if not result["equal_work"]["ok"]:
-        raise harness.UnequalWork("comparison refused, the sides did not do the same work: "
-                                  + "; ".join(result["equal_work"]["problems"]))
+        raise UnequalWork("comparison refused, the sides did not do the same work: "
+                          + "; ".join(result["equal_work"]["problems"]))
     return 0

@@ -37,7 +37,7 @@ from peftkit.recipe.schema import Recipe
 from peftkit.recipe.validate import validate
 from peftkit.errors import RunError, UserError
 
-BASELINES = ("hf", "hf-grouped")
+BASELINES = ("hf", "hf-grouped", "trl")
 
 
 def bench_recipe(recipe: Recipe, steps: int, output_dir: str) -> Recipe:
@@ -172,11 +172,14 @@ def summarise(side: dict, recipe: Recipe, per_token: float, peak_flops: float) -
     seconds = sum(side["step_seconds"][timed])
     tokens = sum(side["step_tokens"][timed])
     per_step = recipe.train.batch_size * recipe.train.grad_accum
+    # trl packs samples into rows, so its steps hold varying sample counts: it reports them
+    samples = (sum(side["step_samples"][timed]) if "step_samples" in side
+               else len(side["step_seconds"][timed]) * per_step)
     tps = tokens / seconds
     mem = side["memory"]
     return {
         "tokens_per_s": tps,
-        "samples_per_s": len(side["step_seconds"][timed]) * per_step / seconds,
+        "samples_per_s": samples / seconds,
         "step_seconds_mean": statistics.fmean(side["step_seconds"][timed]),
         "step_seconds_median": statistics.median(side["step_seconds"][timed]),
         "first_step_seconds": side["step_seconds"][0],  # untimed: allocations, compilation

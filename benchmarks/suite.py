@@ -26,6 +26,7 @@ class Entry:
     overrides: tuple[str, ...] = ()
     vs: tuple[str, ...] = ("hf", "hf-grouped")
     steps: int = 8
+    repeat: int = 1  # runs of every side, alternating: ratios with their spread
     tags: tuple[str, ...] = field(default=())
 
     @property
@@ -46,7 +47,8 @@ def entries() -> list[Entry]:
         Entry("tiny / varlen / LoRA", "tiny.py", steps=16),
         Entry("tiny / fixed-256 / LoRA", "tiny.py", fixed(), vs=("hf",), steps=16),
         Entry("tiny / varlen / QLoRA-nf4", "tiny.py", ("model.quantize=nf4",), steps=16),
-        Entry("small / varlen / LoRA", "small.py", steps=8),
+        Entry("small / varlen / LoRA", "small.py", vs=("hf", "hf-grouped", "trl"), steps=8,
+              repeat=3),
         Entry("small / fixed-256 / LoRA", "small.py", fixed(), vs=("hf",), steps=8),
         Entry("small / varlen / QLoRA-nf4", "small.py", ("model.quantize=nf4",), steps=8),
     ]

@@ -21,6 +21,7 @@ rate): their differences are reported, never refused.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -194,7 +195,7 @@ def summarise(side: dict, recipe: Recipe, per_token: float, peak_flops: float) -
         "trainable": side["parameters"][0], "total": side["parameters"][1],
         "final_loss": side["step_loss"][-1], "mean_loss": statistics.fmean(side["step_loss"]),
         "reference_loss": side["reference_loss"], "adapter_loss": side.get("adapter_loss"),
-        "packed": side["packed"],
+        "packed": side["packed"], "side_settings": side.get("settings"),
         "threads": side["threads"], "loadavg_before": side["loadavg_before"],
         "loadavg_after": side["loadavg_after"],
     }
@@ -233,16 +234,19 @@ def environment() -> dict:
 # The command.
 
 def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: int = 8,
-          out: str | None = None, inline: bool = False, threads: int = 0) -> dict:
-    """Run the benchmark; returns the result dict (also written to `out` as JSON)."""
+          out: str | None = None, inline: bool = False, threads: int = 0,
+          repeat: int = 1) -> dict:
+    """Run the benchmark; returns the result dict (also written to `out` as JSON).
+
+    `repeat` > 1 runs every side `repeat` times, alternating (peftkit, the baselines, peftkit,
+    ...), so that a change in the machine's load falls on all sides alike; each ratio is then
+    the median of the per-run ratios, with its min and max (`ratios[side]["spread"]`), and
+    `sides` shows each side's median run by tokens/s."""
     from peftkit.bench.flops import matmul_peak
     from peftkit.model.loading import base_path, resolve_precision
 
     vs = vs or []
-    unknown = [v for v in vs if v not in BASELINES]
-    if unknown or steps < 1:
-        raise UserError(f"--vs {','.join(unknown)}: use {' or '.join(BASELINES)}" if unknown
-                        else f"--steps {steps}: must be >= 1")
+    _check_arguments(vs, steps, repeat)
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-runs-") as runs:
@@ -254,9 +258,13 @@ def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: 
         precision = resolve_precision(recipe.model, recipe.launch, device.type)
         dtype = torch.bfloat16 if precision.mixed_precision == "bf16" else precision.dtype
         peaks = [matmul_peak(device, dtype)]
-        sides = run_sides(recipe, source, ["peftkit", *vs], inline, torch.get_num_threads())
+        rounds = [run_sides(recipe, source, ["peftkit", *vs], inline, torch.get_num_threads())
+                  for _ in range(repeat)]
         peaks.append(matmul_peak(device, dtype))
     peak = max(p["best_flops"] for p in peaks)
+    summaries = [{name: summarise(s, recipe, per_token, peak) for name, s in sides.items()}
+                 for sides in rounds]
+    shown = _median_runs(summaries)
     result = {
         "recipe": recipe.name.removeprefix("bench-"), "source": source, "steps": steps,
         "samples": work["samples"], "tokens": work["tokens"], "labelled": work["labelled"],
@@ -264,22 +272,64 @@ def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: 
         "settings": recipe.to_dict(), "environment": environment(),
         "isolation": "in-process" if inline else "one fresh process per side",
         "matmul_peak": {"flops": peak, "measurements": peaks},
-        "flops_per_token": per_token, "shape": shape,
-        "sides": {name: summarise(s, recipe, per_token, peak) for name, s in sides.items()},
-        "raw": {name: {k: s[k] for k in ("step_seconds", "step_tokens", "step_loss")}
-                for name, s in sides.items()},
+        "flops_per_token": per_token, "shape": shape, "repeat": repeat,
+        "sides": {name: summaries[i][name] for name, i in shown.items()},
+        "raw": {name: {k: rounds[i][name][k] for k in ("step_seconds", "step_tokens",
+                                                         "step_loss")}
+                for name, i in shown.items()},
+        "runs": {name: [{k: s[name][k] for k in ("tokens_per_s", "peak_memory_bytes",
+                                                  "loadavg_before")} for s in summaries]
+                 for name in shown},
     }
     mixed = precision.mixed_precision != "no"
-    verdict = equal_work(work, sides, steps, mixed) if vs else EqualWork([], {}, mixed)
+    verdict = _verdict(work, rounds, steps, mixed) if vs else EqualWork([], {}, mixed)
     result["equal_work"] = verdict.to_dict()
-    problems = verdict.problems
-    ours = result["sides"]["peftkit"]
-    result["ratios"] = {v: {
-        "tokens_per_s": ours["tokens_per_s"] / result["sides"][v]["tokens_per_s"],
-        "peak_memory": (ours["peak_memory_bytes"] / result["sides"][v]["peak_memory_bytes"]
-                        if result["sides"][v]["peak_memory_bytes"] else None)}
-        for v in vs} if not problems else {}
+    result["ratios"] = {v: _ratio(summaries, v) for v in vs} if verdict.ok else {}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _check_arguments(vs: list[str], steps: int, repeat: int) -> None:
+    unknown = [v for v in vs if v not in BASELINES]
+    if unknown:
+        raise UserError(f"--vs {','.join(unknown)}: use {', '.join(BASELINES)}")
+    if steps < 1 or repeat < 1:
+        raise UserError(f"--steps {steps}: must be >= 1" if steps < 1
+                        else f"--repeat {repeat}: must be >= 1")
+    if "trl" in vs and importlib.util.find_spec("trl") is None:
+        raise UserError("--vs trl: TRL is not installed; pip install 'peftkit[bench]' "
+                        "(trl==1.16.0)")
+
+
+def _median_runs(summaries: list[dict[str, dict]]) -> dict[str, int]:
+    """Per side, the run with the median tokens/s (the lower median for an even count)."""
+    return {name: sorted(range(len(summaries)), key=lambda i: summaries[i][name]
+                         ["tokens_per_s"])[(len(summaries) - 1) // 2]
+            for name in summaries[0]}
+
+
+def _verdict(work: dict, rounds: list[dict[str, dict]], steps: int, mixed: bool) -> EqualWork:
+    """`equal_work` on every run; a problem in run k (of several) names the run."""
+    verdicts = [equal_work(work, sides, steps, mixed) for sides in rounds]
+    problems = [p if len(rounds) == 1 else f"run {k + 1}: {p}"
+                for k, v in enumerate(verdicts) for p in v.problems]
+    return EqualWork(problems, verdicts[0].info, mixed)
+
+
+def _ratio(summaries: list[dict[str, dict]], other: str) -> dict:
+    """peftkit over `other`, run by run (runs k of both sides ran next to each other): the
+    median, and its spread."""
+    def spread(values: list) -> dict | None:
+        if any(v is None for v in values):
+            return None
+        return {"min": min(values), "median": statistics.median(values), "max": max(values),
+                "runs": values}
+
+    speed = spread([s["peftkit"]["tokens_per_s"] / s[other]["tokens_per_s"] for s in summaries])
+    memory = spread([s["peftkit"]["peak_memory_bytes"] / s[other]["peak_memory_bytes"]
+                     if s["peftkit"]["peak_memory_bytes"] and s[other]["peak_memory_bytes"]
+                     else None for s in summaries])
+    return {"tokens_per_s": speed["median"], "peak_memory": memory and memory["median"],
+            "spread": {"tokens_per_s": speed, "peak_memory": memory}}

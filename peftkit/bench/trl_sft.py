@@ -131,9 +131,11 @@ def run(recipe: Recipe) -> dict:
         raise RuntimeError(MISSING)
     if not torch.cuda.is_available():  # as hf.run: no DeepSpeed accelerator guessing on CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
+
+    disable_progress_bars()  # TRL maps the 64 samples four times; a bar each is noise
 
     t = recipe.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -162,10 +162,12 @@ def run(recipe: Recipe) -> dict:
     measured = peak.measured()
 
     # The objective on an identical batch (the first samples, in data order) as TRL computes
-    # it: one padding-free row through its collator, its loss (fused LM head).
-    first = [{"input_ids": e.input_ids, "labels": e.labels, "seq_lengths": [len(e.input_ids)]}
-             for e in examples[:t.batch_size]]
-    batch = collator.collator(first)
+    # it: the features it trained on, labelled by its own dataset preparation (unpacked: the
+    # samples stay whole and in order), one padding-free row through its collator, its loss
+    # (fused LM head).
+    first = trainer._prepare_dataset(Dataset.from_list(features[:t.batch_size]), tokenizer,
+                                     trainer.args, False, None, "identical batch")
+    batch = collator.collator([dict(row, seq_lengths=[len(row["input_ids"])]) for row in first])
     model = trainer.model
 
     def loss():

@@ -78,7 +78,7 @@ def main() -> int:
         recipe = apply_overrides(found.recipe, list(entry.overrides))
         out = RESULTS / f"{entry.slug}.json"
         result = bench.bench(recipe, entry.path, list(entry.vs), entry.steps, None,
-                             threads=args.threads)
+                             threads=args.threads, repeat=entry.repeat)
         result.update(label=entry.label, slug=entry.slug, overrides=list(entry.overrides),
                       source=str(Path(entry.path).relative_to(HERE.parent)))
         out.write_text(json.dumps(result, indent=1) + "\n")

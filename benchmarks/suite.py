@@ -26,6 +26,7 @@ class Entry:
     overrides: tuple[str, ...] = ()
     vs: tuple[str, ...] = ("hf", "hf-grouped")
     steps: int = 8
+    repeat: int = 1  # runs of every side, alternating: ratios with their spread
     tags: tuple[str, ...] = field(default=())
 
     @property
@@ -47,6 +48,9 @@ def entries() -> list[Entry]:
         Entry("tiny / fixed-256 / LoRA", "tiny.py", fixed(), vs=("hf",), steps=16),
         Entry("tiny / varlen / QLoRA-nf4", "tiny.py", ("model.quantize=nf4",), steps=16),
         Entry("small / varlen / LoRA", "small.py", steps=8),
+        # The strongest peer, alone (its own row): 3 alternating runs give its ratio a spread;
+        # 4 steps (3 timed) keep the 6 runs within minutes on a loaded 2-core machine.
+        Entry("small / varlen / LoRA vs TRL", "small.py", vs=("trl",), steps=4, repeat=3),
         Entry("small / fixed-256 / LoRA", "small.py", fixed(), vs=("hf",), steps=8),
         Entry("small / varlen / QLoRA-nf4", "small.py", ("model.quantize=nf4",), steps=8),
     ]

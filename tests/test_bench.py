@@ -13,6 +13,7 @@ import pytest
 
 from peftkit.bench import harness as bench
 from peftkit.bench import data as bench_data
+from peftkit.bench import same_work
 from peftkit.cli.app import main
 
 QUICK = ["model.tiny_size=xs", "train.batch_size=8"]  # the demo recipe: chat rows, max_len 64
@@ -168,7 +169,7 @@ def test_a_different_computation_is_refused(compared, monkeypatch):
 
     monkeypatch.setattr(bench_hf, "lora_config", doubled)
     other = json.loads(json.dumps(run_side("hf", recipe)))
-    verdict = bench.equal_work(_work(result, sides), {"peftkit": sides["peftkit"], "hf": other},
+    verdict = same_work.equal_work(_work(result, sides), {"peftkit": sides["peftkit"], "hf": other},
                                STEPS, mixed=False)
     assert not verdict.ok
     assert any("hf: loss on the identical first batch (adapter on)" in p
@@ -182,12 +183,12 @@ def test_a_different_computation_is_refused(compared, monkeypatch):
 def test_equal_work_checks(compared):
     _, result, sides, _, _ = compared
     work = _work(result, sides)
-    verdict = bench.equal_work(work, sides, STEPS, mixed=False)
+    verdict = same_work.equal_work(work, sides, STEPS, mixed=False)
     assert verdict.ok and verdict.problems == [] and set(verdict.info) == {"hf", "hf-grouped"}
     # Training order alone: another trajectory over the same samples passes, reported.
     other = copy.deepcopy(sides)
     other["hf"]["step_loss"] = [x * 1.3 for x in other["peftkit"]["step_loss"]]
-    verdict = bench.equal_work(work, other, STEPS, mixed=False)
+    verdict = same_work.equal_work(work, other, STEPS, mixed=False)
     assert verdict.ok and verdict.info["hf"]["mean_loss_vs_peftkit"] == pytest.approx(0.3)
     # Each difference in computation refuses, named.
     changes = {
@@ -203,7 +204,7 @@ def test_equal_work_checks(compared):
     for fragment, change in changes.items():
         other = copy.deepcopy(sides)
         change(other["hf"])
-        problems = bench.equal_work(work, other, STEPS, mixed=False).problems
+        problems = same_work.equal_work(work, other, STEPS, mixed=False).problems
         assert len(problems) == 1 and problems[0].startswith("hf: ") \
             and fragment in problems[0], (fragment, problems)
 
@@ -265,3 +266,140 @@ def test_benchmark_data_is_deterministic_and_long_tailed():
     assert 180 <= statistics.median(lengths) <= 300 < statistics.fmean(lengths) + 100
     assert max(lengths) > 3 * statistics.median(lengths)  # a long tail
     assert set(tokens(bench_data.rows("fixed", 20))) == {256}
+
+
+# ---------------------------------------------------------------------------------------------
+# The TRL side (`--vs trl`): SFTTrainer + peft, packed with bfd (needs peftkit[bench]).
+
+TRL_STEPS = 2
+TRL_BENCH = ["bench", "tiny-demo", *QUICK, "train.warmup_steps=0", "--steps", str(TRL_STEPS),
+             "--vs", "trl", "--inline", "--repeat", "2"]
+
+
+def _needs_trl():
+    pytest.importorskip("trl", reason="the trl side needs TRL: pip install 'peftkit[bench]'")
+
+
+@pytest.fixture(scope="module")
+def trl_compared(tmp_path_factory):
+    """peftkit and TRL, twice each, alternating, in this process; keeps the raw sides of the
+    last run and the recipe they ran (with a copy of its samples file)."""
+    _needs_trl()
+    folder = tmp_path_factory.mktemp("bench-trl")
+    out = folder / "demo.json"
+    captured, recipes = {}, []
+    real = bench.run_sides
+
+    def keep(recipe, *args, **kwargs):
+        captured.update(real(recipe, *args, **kwargs))
+        samples = folder / "samples.jsonl"
+        shutil.copy(recipe.data.train, samples)
+        recipes.append(dataclasses.replace(recipe, data=dataclasses.replace(
+            recipe.data, train=str(samples))))
+        return copy.deepcopy(captured)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "run_sides", keep)
+        code = main([*TRL_BENCH, "--out", str(out)])
+    return code, json.loads(out.read_text()), captured, recipes[-1]
+
+
+def test_trl_side_does_the_same_work(trl_compared):
+    code, result, sides, _ = trl_compared
+    assert code == 0 and result["equal_work"]["ok"], result["equal_work"]["problems"]
+    assert result["repeat"] == 2 and [len(v) for v in result["runs"].values()] == [2, 2]
+    raw, ours, trl = result["raw"]["trl"], result["sides"]["peftkit"], result["sides"]["trl"]
+    assert sum(raw["step_tokens"]) == result["tokens"] and len(raw["step_loss"]) == TRL_STEPS
+    assert sum(sides["trl"]["step_samples"]) == result["samples"]
+    assert sorted(sides["trl"]["samples"]) == sorted(sides["peftkit"]["samples"])
+    # Packed, padding-free: every computed token is a real one, as peftkit's.
+    assert trl["packed"] and trl["padding_share"] == 0 == ours["padding_share"]
+    settings = trl["side_settings"]
+    assert settings["packing_strategy"] == "bfd" and settings["completion_only_loss"]
+    # The identical batch: the same objective (completion + EOS tokens, mean over them).
+    assert trl["reference_loss"] == pytest.approx(ours["reference_loss"], rel=1e-4)
+    assert trl["adapter_loss"] == pytest.approx(ours["adapter_loss"], rel=1e-4)
+    ratio = result["ratios"]["trl"]
+    spread = ratio["spread"]["tokens_per_s"]
+    assert len(spread["runs"]) == 2 and spread["min"] <= ratio["tokens_per_s"] <= spread["max"]
+
+
+def test_trl_trains_peftkit_loss_mask(trl_compared):
+    """TRL gets peftkit's samples with a completion mask that is exactly peftkit's labels: the
+    completion and its EOS, not the prompt."""
+    from peftkit.bench import trl_sft
+    from peftkit.data import dataset
+    from peftkit.model.loading import base_path, load_tokenizer
+
+    _, _, _, recipe = trl_compared
+    tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
+    examples, _, _, _ = dataset.build(recipe.data, tokenizer, recipe.train.seed)
+    for e, f in zip(examples, trl_sft.features_of(examples)):
+        assert f["input_ids"] == e.input_ids
+        assert [t if m else -100 for t, m in zip(f["input_ids"], f["completion_mask"])] \
+            == e.labels
+        assert f["completion_mask"][0] == 0 and 1 in f["completion_mask"]
+        # peftkit's samples end at the EOS of the (last) answer, which is learned: so in TRL
+        assert e.input_ids[-1] == tokenizer.eos_token_id and f["completion_mask"][-1] == 1
+
+
+def test_trl_with_another_loss_mask_is_refused(trl_compared, monkeypatch):
+    """TRL trained on every token (prompt included): same samples and tokens, different
+    objective; equal_work refuses on the identical batch."""
+    from peftkit.bench import trl_sft
+    from peftkit.bench.side import run_side
+
+    _, result, sides, recipe = trl_compared
+    features_of = trl_sft.features_of
+
+    def whole_sequence(examples):
+        return [dict(f, completion_mask=[1] * len(f["input_ids"])) for f in features_of(examples)]
+
+    monkeypatch.setattr(trl_sft, "features_of", whole_sequence)
+    other = json.loads(json.dumps(run_side("trl", recipe)))
+    work = {"tokens": result["tokens"], "samples": result["samples"],
+            "fingerprints": sorted(sides["peftkit"]["samples"])}
+    verdict = same_work.equal_work(work, {"peftkit": sides["peftkit"], "trl": other},
+                                   TRL_STEPS, mixed=False)
+    assert any("trl: loss on the identical first batch (adapter off)" in p
+               for p in verdict.problems), verdict.problems
+    assert not any(p.startswith("trl: trained") or "exactly once" in p
+                   for p in verdict.problems), verdict.problems
+
+
+def test_trl_rows_match_the_steps():
+    """bfd packs the samples into exactly one row per micro-batch (steps x grad_accum)."""
+    _needs_trl()
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    from peftkit.bench.trl_sft import row_length
+
+    lengths = [40, 300, 120, 77, 500, 16, 230, 64, 90, 180, 33, 410]
+    features = [{"input_ids": list(range(n))} for n in lengths]
+    for rows in (2, 3, 4):
+        length = row_length(features, rows)
+        assert length >= max(lengths)
+        packed = pack_dataset(Dataset.from_list(features), length, "bfd")
+        assert len(packed) == rows and sum(map(len, packed["input_ids"])) == sum(lengths)
+
+
+def test_trl_absent_or_bad_repeat_is_a_user_error(monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "trl" else find_spec(name, *a, **k))
+    assert main(["bench", "tiny-demo", "--vs", "trl"]) == 2
+    assert "peftkit[bench]" in capsys.readouterr().err
+    assert main(["bench", "tiny-demo", "--repeat", "0"]) == 2
+
+
+def test_ratio_cells_show_the_spread():
+    from peftkit.bench.report import ratio_cell
+
+    assert ratio_cell({"tokens_per_s": 2.5}, "tokens_per_s") == "2.50x"
+    spread = {"min": 2.1, "median": 2.5, "max": 3.0, "runs": [2.1, 2.5, 3.0]}
+    assert ratio_cell({"tokens_per_s": 2.5, "spread": {"tokens_per_s": spread}},
+                      "tokens_per_s") == "2.50x (2.10-3.00)"
+    assert ratio_cell({"peak_memory": None}, "peak_memory") == "-"

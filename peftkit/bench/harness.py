@@ -21,8 +21,8 @@ rate): their differences are reported, never refused.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -33,51 +33,12 @@ from pathlib import Path
 
 import torch
 
+from peftkit.bench.same_work import EqualWork, equal_work
 from peftkit.recipe.schema import Recipe
 from peftkit.recipe.validate import validate
 from peftkit.errors import RunError, UserError
 
-BASELINES = ("hf", "hf-grouped")
-# The objective and its adapter gradients on an identical batch (bench_run.identical_batch):
-# both sides compute the same masked next-token mean from the same weights; only float
-# summation order (padded vs packed rows, fused vs peft LoRA) differs.
-REFERENCE_RTOL = {"fp32": 1e-4, "mixed": 2e-2}
-GRADIENT_RTOL = {"fp32": 1e-3, "mixed": 5e-2}
-
-
-class UnequalWork(RunError):
-    """The two sides did not do the same work: the comparison is refused (exit 1)."""
-
-
-@dataclasses.dataclass
-class EqualWork:
-    """The verdict of `equal_work`. `problems`: each a difference in what the sides compute
-    (any refuses the comparison). `info`: per baseline, what the training order changes,
-    reported and never refused: its mean and final training loss, and their difference from
-    peftkit's relative to peftkit's."""
-
-    problems: list[str]
-    info: dict[str, dict[str, float]]
-    mixed: bool  # mixed precision: the looser tolerances apply
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def rtol(self) -> float:
-        """The tolerance on identical-batch losses (relative)."""
-        return REFERENCE_RTOL["mixed" if self.mixed else "fp32"]
-
-    @property
-    def gradient_rtol(self) -> float:
-        """The tolerance on identical-batch adapter gradients (relative, as one vector)."""
-        return GRADIENT_RTOL["mixed" if self.mixed else "fp32"]
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "problems": self.problems, "info": self.info,
-                "rtol": self.rtol, "gradient_rtol": self.gradient_rtol,
-                "reference_rtol": REFERENCE_RTOL}
+BASELINES = ("hf", "hf-grouped", "trl")
 
 
 def bench_recipe(recipe: Recipe, steps: int, output_dir: str) -> Recipe:
@@ -207,81 +168,19 @@ def run_sides(recipe: Recipe, source: str, sides: list[str], inline: bool,
 # ---------------------------------------------------------------------------------------------
 # Checking and summarising.
 
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
-def equal_work(work: dict, sides: dict[str, dict], steps: int, mixed: bool) -> EqualWork:
-    """Whether every side computed the same thing as peftkit (see EqualWork)."""
-    verdict = EqualWork([], {}, mixed)
-    problems, info = verdict.problems, verdict.info
-    ref = sides["peftkit"]
-    for name, side in sides.items():
-        mine = len(problems)
-        if len(side["step_tokens"]) != steps or len(side["step_loss"]) != steps:
-            problems.append(f"{name}: {len(side['step_tokens'])} steps logged, expected {steps}")
-        if sum(side["step_tokens"]) != work["tokens"]:
-            problems.append(f"{name}: trained {sum(side['step_tokens'])} tokens, the samples "
-                            f"hold {work['tokens']}")
-        if side["samples"] != work["fingerprints"]:
-            problems.append(f"{name}: did not train each of the {work['samples']} samples "
-                            "exactly once")
-        if not all(math.isfinite(x) for x in side["step_loss"]):
-            problems.append(f"{name}: non-finite training loss")
-        if name == "peftkit" or len(problems) > mine:
-            continue
-        problems += _identical_batch(name, side, ref, verdict.rtol, verdict.gradient_rtol)
-        info[name] = _order_effect(side, ref)
-    return verdict
-
-
-def _identical_batch(name: str, side: dict, ref: dict, tol: float, grad_tol: float) -> list[str]:
-    """Differences from peftkit on the identical batch (bench_run.identical_batch)."""
-    problems = []
-    for key, what in (("reference_loss", "adapter off"), ("adapter_loss", "adapter on")):
-        if _rel(side[key], ref[key]) > tol:
-            problems.append(f"{name}: loss on the identical first batch ({what}) "
-                            f"{side[key]:.6f} vs peftkit {ref[key]:.6f}, beyond {tol:g} "
-                            "relative")
-    mine, theirs = ref["adapter_grad_norms"], side["adapter_grad_norms"]
-    if mine.keys() != theirs.keys():
-        problems.append(f"{name}: trains other adapter tensors than peftkit "
-                        f"({len(theirs)} vs {len(mine)}; e.g. "
-                        f"{sorted(mine.keys() ^ theirs.keys())[0]})")
-        return problems
-    # The per-tensor gradient norms as one vector: its relative distance to peftkit's.
-    names = sorted(mine)
-    distance = math.dist([mine[k] for k in names], [theirs[k] for k in names])
-    scale = math.hypot(*(mine[k] for k in names))
-    if distance > grad_tol * max(scale, 1e-12):
-        worst = max(mine, key=lambda k: abs(mine[k] - theirs[k]))
-        problems.append(f"{name}: adapter gradients on the identical first batch differ from "
-                        f"peftkit's by {distance / max(scale, 1e-12):.2g} relative, beyond "
-                        f"{grad_tol:g} (most in {worst}: {theirs[worst]:.6g} vs "
-                        f"{mine[worst]:.6g})")
-    return problems
-
-
-def _order_effect(side: dict, ref: dict) -> dict[str, float]:
-    """The side's mean and final training loss against peftkit's: the samples are the same,
-    the orders differ, and so do the trajectories (information, not a check)."""
-    mean, final = statistics.fmean(side["step_loss"]), side["step_loss"][-1]
-    ref_mean, ref_final = statistics.fmean(ref["step_loss"]), ref["step_loss"][-1]
-    return {"mean_loss": mean, "final_loss": final,
-            "mean_loss_vs_peftkit": (mean - ref_mean) / abs(ref_mean),
-            "final_loss_vs_peftkit": (final - ref_final) / abs(ref_final)}
-
-
 def summarise(side: dict, recipe: Recipe, per_token: float, peak_flops: float) -> dict:
     timed = slice(1, None) if len(side["step_seconds"]) > 1 else slice(None)
     seconds = sum(side["step_seconds"][timed])
     tokens = sum(side["step_tokens"][timed])
     per_step = recipe.train.batch_size * recipe.train.grad_accum
+    # trl packs samples into rows, so its steps hold varying sample counts: it reports them
+    samples = (sum(side["step_samples"][timed]) if "step_samples" in side
+               else len(side["step_seconds"][timed]) * per_step)
     tps = tokens / seconds
     mem = side["memory"]
     return {
         "tokens_per_s": tps,
-        "samples_per_s": len(side["step_seconds"][timed]) * per_step / seconds,
+        "samples_per_s": samples / seconds,
         "step_seconds_mean": statistics.fmean(side["step_seconds"][timed]),
         "step_seconds_median": statistics.median(side["step_seconds"][timed]),
         "first_step_seconds": side["step_seconds"][0],  # untimed: allocations, compilation
@@ -296,7 +195,7 @@ def summarise(side: dict, recipe: Recipe, per_token: float, peak_flops: float) -
         "trainable": side["parameters"][0], "total": side["parameters"][1],
         "final_loss": side["step_loss"][-1], "mean_loss": statistics.fmean(side["step_loss"]),
         "reference_loss": side["reference_loss"], "adapter_loss": side.get("adapter_loss"),
-        "packed": side["packed"],
+        "packed": side["packed"], "side_settings": side.get("settings"),
         "threads": side["threads"], "loadavg_before": side["loadavg_before"],
         "loadavg_after": side["loadavg_after"],
     }
@@ -335,16 +234,19 @@ def environment() -> dict:
 # The command.
 
 def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: int = 8,
-          out: str | None = None, inline: bool = False, threads: int = 0) -> dict:
-    """Run the benchmark; returns the result dict (also written to `out` as JSON)."""
+          out: str | None = None, inline: bool = False, threads: int = 0,
+          repeat: int = 1) -> dict:
+    """Run the benchmark; returns the result dict (also written to `out` as JSON).
+
+    `repeat` > 1 runs every side `repeat` times, alternating (peftkit, the baselines, peftkit,
+    ...), so that a change in the machine's load falls on all sides alike; each ratio is then
+    the median of the per-run ratios, with its min and max (`ratios[side]["spread"]`), and
+    `sides` shows each side's median run by tokens/s."""
     from peftkit.bench.flops import matmul_peak
     from peftkit.model.loading import base_path, resolve_precision
 
     vs = vs or []
-    unknown = [v for v in vs if v not in BASELINES]
-    if unknown or steps < 1:
-        raise UserError(f"--vs {','.join(unknown)}: use {' or '.join(BASELINES)}" if unknown
-                        else f"--steps {steps}: must be >= 1")
+    _check_arguments(vs, steps, repeat)
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-runs-") as runs:
@@ -356,9 +258,13 @@ def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: 
         precision = resolve_precision(recipe.model, recipe.launch, device.type)
         dtype = torch.bfloat16 if precision.mixed_precision == "bf16" else precision.dtype
         peaks = [matmul_peak(device, dtype)]
-        sides = run_sides(recipe, source, ["peftkit", *vs], inline, torch.get_num_threads())
+        rounds = [run_sides(recipe, source, ["peftkit", *vs], inline, torch.get_num_threads())
+                  for _ in range(repeat)]
         peaks.append(matmul_peak(device, dtype))
     peak = max(p["best_flops"] for p in peaks)
+    summaries = [{name: summarise(s, recipe, per_token, peak) for name, s in sides.items()}
+                 for sides in rounds]
+    shown = _median_runs(summaries)
     result = {
         "recipe": recipe.name.removeprefix("bench-"), "source": source, "steps": steps,
         "samples": work["samples"], "tokens": work["tokens"], "labelled": work["labelled"],
@@ -366,22 +272,64 @@ def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: 
         "settings": recipe.to_dict(), "environment": environment(),
         "isolation": "in-process" if inline else "one fresh process per side",
         "matmul_peak": {"flops": peak, "measurements": peaks},
-        "flops_per_token": per_token, "shape": shape,
-        "sides": {name: summarise(s, recipe, per_token, peak) for name, s in sides.items()},
-        "raw": {name: {k: s[k] for k in ("step_seconds", "step_tokens", "step_loss")}
-                for name, s in sides.items()},
+        "flops_per_token": per_token, "shape": shape, "repeat": repeat,
+        "sides": {name: summaries[i][name] for name, i in shown.items()},
+        "raw": {name: {k: rounds[i][name][k] for k in ("step_seconds", "step_tokens",
+                                                         "step_loss")}
+                for name, i in shown.items()},
+        "runs": {name: [{k: s[name][k] for k in ("tokens_per_s", "peak_memory_bytes",
+                                                  "loadavg_before")} for s in summaries]
+                 for name in shown},
     }
     mixed = precision.mixed_precision != "no"
-    verdict = equal_work(work, sides, steps, mixed) if vs else EqualWork([], {}, mixed)
+    verdict = _verdict(work, rounds, steps, mixed) if vs else EqualWork([], {}, mixed)
     result["equal_work"] = verdict.to_dict()
-    problems = verdict.problems
-    ours = result["sides"]["peftkit"]
-    result["ratios"] = {v: {
-        "tokens_per_s": ours["tokens_per_s"] / result["sides"][v]["tokens_per_s"],
-        "peak_memory": (ours["peak_memory_bytes"] / result["sides"][v]["peak_memory_bytes"]
-                        if result["sides"][v]["peak_memory_bytes"] else None)}
-        for v in vs} if not problems else {}
+    result["ratios"] = {v: _ratio(summaries, v) for v in vs} if verdict.ok else {}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _check_arguments(vs: list[str], steps: int, repeat: int) -> None:
+    unknown = [v for v in vs if v not in BASELINES]
+    if unknown:
+        raise UserError(f"--vs {','.join(unknown)}: use {', '.join(BASELINES)}")
+    if steps < 1 or repeat < 1:
+        raise UserError(f"--steps {steps}: must be >= 1" if steps < 1
+                        else f"--repeat {repeat}: must be >= 1")
+    if "trl" in vs and importlib.util.find_spec("trl") is None:
+        raise UserError("--vs trl: TRL is not installed; pip install 'peftkit[bench]' "
+                        "(trl==1.16.0)")
+
+
+def _median_runs(summaries: list[dict[str, dict]]) -> dict[str, int]:
+    """Per side, the run with the median tokens/s (the lower median for an even count)."""
+    return {name: sorted(range(len(summaries)), key=lambda i: summaries[i][name]
+                         ["tokens_per_s"])[(len(summaries) - 1) // 2]
+            for name in summaries[0]}
+
+
+def _verdict(work: dict, rounds: list[dict[str, dict]], steps: int, mixed: bool) -> EqualWork:
+    """`equal_work` on every run; a problem in run k (of several) names the run."""
+    verdicts = [equal_work(work, sides, steps, mixed) for sides in rounds]
+    problems = [p if len(rounds) == 1 else f"run {k + 1}: {p}"
+                for k, v in enumerate(verdicts) for p in v.problems]
+    return EqualWork(problems, verdicts[0].info, mixed)
+
+
+def _ratio(summaries: list[dict[str, dict]], other: str) -> dict:
+    """peftkit over `other`, run by run (runs k of both sides ran next to each other): the
+    median, and its spread."""
+    def spread(values: list) -> dict | None:
+        if any(v is None for v in values):
+            return None
+        return {"min": min(values), "median": statistics.median(values), "max": max(values),
+                "runs": values}
+
+    speed = spread([s["peftkit"]["tokens_per_s"] / s[other]["tokens_per_s"] for s in summaries])
+    memory = spread([s["peftkit"]["peak_memory_bytes"] / s[other]["peak_memory_bytes"]
+                     if s["peftkit"]["peak_memory_bytes"] and s[other]["peak_memory_bytes"]
+                     else None for s in summaries])
+    return {"tokens_per_s": speed["median"], "peak_memory": memory and memory["median"],
+            "spread": {"tokens_per_s": speed, "peak_memory": memory}}

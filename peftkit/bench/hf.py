@@ -45,7 +45,7 @@ class RecordingCollator:
         return batch
 
 
-def _timer_callback():
+def step_timer():
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -68,14 +68,14 @@ def _timer_callback():
     return StepTimer()
 
 
-def _load(recipe: Recipe, base: str, precision):
+def load_peft(recipe: Recipe, base: str, precision, **load_kwargs):
     """from_pretrained (quantized as the recipe says) + the plain peft recipe."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     from peftkit.model import quantize
 
-    kwargs = {}
+    kwargs = dict(load_kwargs)
     if recipe.model.quantize:
         kwargs["quantization_config"] = quantize.bnb_config(recipe.model, precision.compute_dtype)
         if torch.cuda.is_available():  # quantized weights are placed at load time
@@ -87,7 +87,7 @@ def _load(recipe: Recipe, base: str, precision):
     return get_peft_model(model, lora_config(recipe.adapter))
 
 
-def _checkpointing(arguments_class, enabled: bool) -> dict:
+def checkpointing_args(arguments_class, enabled: bool) -> dict:
     """TrainingArguments for gradient checkpointing (renamed "activation" in transformers 5.2x)."""
     if not enabled:
         return {}
@@ -114,17 +114,17 @@ def run(recipe: Recipe, grouped: bool = False) -> dict:
 
     set_seed(t.seed)  # as peftkit does before building the adapter: same LoRA init
     peak = memory.PeakMemory(device)
-    model = _load(recipe, base, precision)
+    model = load_peft(recipe, base, precision)
     collator = RecordingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True,
                                                         label_pad_token_id=-100))
-    timer = _timer_callback()
+    timer = step_timer()
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-hf-") as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=t.batch_size,
             gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, max_steps=t.max_steps,
             warmup_steps=t.warmup_steps, lr_scheduler_type=t.scheduler,
             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
-            **_checkpointing(TrainingArguments, t.gradient_checkpointing),
+            **checkpointing_args(TrainingArguments, t.gradient_checkpointing),
             bf16=precision.mixed_precision == "bf16", fp16=precision.mixed_precision == "fp16",
             use_cpu=device.type == "cpu", logging_steps=1, save_strategy="no",
             report_to="none", disable_tqdm=True,

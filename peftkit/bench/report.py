@@ -47,14 +47,20 @@ def table(result: dict) -> Table:
     for label, key, fmt in ROWS:
         cells = [_cell(s.get(key), fmt) for s in sides.values()]
         for name in ratios:
-            ratio = None
-            if key == "tokens_per_s":
-                ratio = ratios[name]["tokens_per_s"]
-            elif key == "peak_memory_bytes":
-                ratio = ratios[name]["peak_memory"]
-            cells.append("-" if ratio is None else f"{ratio:.2f}x")
+            which = {"tokens_per_s": "tokens_per_s", "peak_memory_bytes": "peak_memory"}
+            cells.append(ratio_cell(ratios[name], which[key]) if key in which else "-")
         out.add_row(label, *cells)
     return out
+
+
+def ratio_cell(ratio: dict, key: str) -> str:
+    """`2.10x`, or over several runs `2.10x (1.95-2.30)`: median (min-max)."""
+    if ratio.get(key) is None:
+        return "-"
+    spread = (ratio.get("spread") or {}).get(key)
+    if not spread or len(spread["runs"]) < 2:
+        return f"{ratio[key]:.2f}x"
+    return f"{spread['median']:.2f}x ({spread['min']:.2f}-{spread['max']:.2f})"
 
 
 def footer(result: dict) -> list[str]:
@@ -65,6 +71,9 @@ def footer(result: dict) -> list[str]:
              f"{result['isolation']}"]
     loads = ", ".join(f"{n} {s['loadavg_before'][0]:.2f}" for n, s in result["sides"].items())
     lines.append(f"1-min load average before each side: {loads}")
+    if result.get("repeat", 1) > 1:
+        lines.append(f"{result['repeat']} runs of every side, alternating: each side's median "
+                     "run is shown; ratios are median (min-max) of the per-run ratios")
     eq = result["equal_work"]
     if eq["problems"]:
         lines += [f"NOT the same work: {p}" for p in eq["problems"]]
@@ -107,25 +116,30 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown(results: list[dict]) -> str:
     """One row per benchmark: the table of README.md (sides missing from a result show -)."""
-    lines = ["| benchmark | tokens/s: peftkit | Trainer | Trainer grouped "
-             "| speed-up vs Trainer / grouped | peak memory GB: peftkit | Trainer "
+    lines = ["| benchmark | tokens/s: peftkit | Trainer | Trainer grouped | TRL "
+             "| speed-up vs Trainer / grouped | speed-up vs TRL "
+             "| peak memory GB: peftkit | Trainer | TRL "
              "| MFU: peftkit | Trainer | mean loss: peftkit | Trainer | load |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in results:
         sides = r["sides"]
-        ours, hf, grouped = sides["peftkit"], sides.get("hf"), sides.get("hf-grouped")
+        ours, hf, grouped, trl = (sides["peftkit"], sides.get("hf"), sides.get("hf-grouped"),
+                                  sides.get("trl"))
 
         def get(side, key, fmt):
             return "-" if side is None or side.get(key) is None else _cell(side[key], fmt)
 
         speedups = " / ".join(f"{ours['tokens_per_s'] / s['tokens_per_s']:.2f}x"
                               for s in (hf, grouped) if s)
+        versus_trl = ratio_cell(r["ratios"]["trl"], "tokens_per_s") \
+            if "trl" in r.get("ratios", {}) else "-"
         loads = max(s["loadavg_before"][0] for s in sides.values())
         lines.append(" | ".join([
             f"| {r.get('label', r['recipe'])}", get(ours, "tokens_per_s", "{:,.0f}"),
             get(hf, "tokens_per_s", "{:,.0f}"), get(grouped, "tokens_per_s", "{:,.0f}"),
-            speedups or "-", get(ours, "peak_memory_bytes", "gb"),
-            get(hf, "peak_memory_bytes", "gb"), get(ours, "mfu", "{:.0%}"),
+            get(trl, "tokens_per_s", "{:,.0f}"), speedups or "-", versus_trl,
+            get(ours, "peak_memory_bytes", "gb"), get(hf, "peak_memory_bytes", "gb"),
+            get(trl, "peak_memory_bytes", "gb"), get(ours, "mfu", "{:.0%}"),
             get(hf, "mfu", "{:.0%}"), get(ours, "mean_loss", "{:.3f}"),
             get(hf, "mean_loss", "{:.3f}"), f"{loads:.1f} |"]))
     return "\n".join(lines)

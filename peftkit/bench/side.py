@@ -1,5 +1,5 @@
-"""One side of `peftkit bench`, run in this process: peftkit's own training loop, or the plain
-Trainer baseline (bench_hf.py). `python -m peftkit.bench.side SPEC.json OUT.json` runs a side in
+"""One side of `peftkit bench`, run in this process: peftkit's own training loop, the plain
+Trainer baseline (hf.py) or TRL's SFTTrainer (trl_sft.py). `python -m peftkit.bench.side SPEC.json OUT.json` runs a side in
 a fresh process, so that its peak memory is its own (bench.py starts one per side).
 
 Memory is peak RSS (CPU; the kernel's peak counter is reset first) or CUDA max allocated,
@@ -20,7 +20,7 @@ from peftkit.recipe.schema import Recipe, recipe_from_dict
 from peftkit.run.quiet import quiet_libraries
 from peftkit.run.rundir import RunDir
 
-SIDES = ("peftkit", "hf", "hf-grouped")
+SIDES = ("peftkit", "hf", "hf-grouped", "trl")
 
 
 def _peftkit(recipe: Recipe, source: str) -> dict:
@@ -94,6 +94,10 @@ def run_side(side: str, recipe: Recipe, source: str = "") -> dict:
     began = time.perf_counter()
     if side == "peftkit":
         out = _peftkit(recipe, source)
+    elif side == "trl":
+        from peftkit.bench import trl_sft
+
+        out = trl_sft.run(recipe)
     else:
         from peftkit.bench import hf as bench_hf
 

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.model.sharded import name_cpu_for_deepspeed, quiet_progress
 from peftkit.model.tiny import cache_root
 
 CONVERSION_VERSION = 1  # bump when the way files are converted changes
@@ -71,13 +72,16 @@ def convert(file: Path, what: str) -> tuple[Path, bool]:
         return target, False
     header = read_header(file, what)  # before anything is written
     started = time.perf_counter()
-    model, tokenizer = _load(file, header, what)
+    name_cpu_for_deepspeed()  # transformers' save imports DeepSpeed, which guesses loudly
+    with quiet_progress():  # the note says what happens; bars over 272 tensors add nothing
+        model, tokenizer = _load(file, header, what)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert under a temporary name and rename: a crash or a concurrent converter (DDP
     # ranks) never leaves or sees half a conversion; the loser of a race discards its copy.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
-        _save_plain(model, tmp)
+        with quiet_progress():
+            _save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_FILE).write_text(json.dumps({
             "sha256": sha, "bytes": file.stat().st_size, **header, "dtype": DTYPE,

@@ -315,9 +315,9 @@ CASES = [
     # --- run directories --------------------------------------------------------------------
     ("run directory holds a run", with_run(), TRAIN,
      ["runs/tiny-demo already holds a run", "--resume", "--overwrite"]),
-    ("directory that is not a run", files(**{"runs__demo__mine.txt": "precious"}),
+    ("directory that is not a run", files(**{"runs__tiny-demo__mine.txt": "precious"}),
      [*TRAIN, "--overwrite"], ["not a peftkit run", "refusing to delete"]),
-    ("resume with no checkpoint", files(**{"runs__demo__recipe.json": "{}"}),
+    ("resume with no checkpoint", files(**{"runs__tiny-demo__recipe.json": "{}"}),
      [*TRAIN, "--resume"], ["no complete checkpoint under runs/tiny-demo/checkpoints",
                             "start it over with --overwrite"]),
     # --- checkpoints: damaged ---------------------------------------------------------------

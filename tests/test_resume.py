@@ -317,7 +317,7 @@ def test_divergence_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, cap
     assert rc == 1 and "Traceback" not in err, err
     last = err.splitlines()[-1]  # the progress lines of the steps taken come before it
     assert last.startswith("error: loss or gradients became non-finite at step 2; the last "
-                           f"good checkpoint is {runs / 'demo' / 'checkpoints' / 'step-1'}"), err
+                           f"good checkpoint is {runs / 'tiny-demo' / 'checkpoints' / 'step-1'}"), err
     run = runs / "tiny-demo"
     assert not (run / "adapter").exists()  # no final adapter
     assert [p.name for p in checkpoint.step_dirs(run / "checkpoints")] == ["step-1"]

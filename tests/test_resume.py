@@ -86,7 +86,7 @@ def test_stopped_twice_and_resumed_equals_uninterrupted(tmp_path, capsys, monkey
     assert rc == 143, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("stopped by SIGTERM after step 2; checkpoint ")
-    assert line.endswith("Resume with: peftkit train demo " + " ".join(argv[2:]) + " --resume")
+    assert line.endswith("Resume with: peftkit train tiny-demo " + " ".join(argv[2:]) + " --resume")
     assert [p.name for p in checkpoint.step_dirs(runs / "tiny-demo" / "checkpoints")] == ["step-2"]
     assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
     # ... then after step 5 (in the middle of epoch 1: the order of epoch 1 must be replayed) ...

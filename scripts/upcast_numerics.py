@@ -14,7 +14,7 @@ tiny "s" Llama (random weights, hidden 256, 4 layers) and the data the demo's so
 task. CPU bf16 autocast rounds as a GPU's does (bf16 storage, float32 accumulation), but
 the kernels differ: a GPU run is still to confirm it (docs/qlora-and-memory.md).
 
-    python scripts/upcast_numerics.py [--steps 80] [--out benchmarks/results/upcast-numerics-cpu.json]
+    python scripts/upcast_numerics.py [--steps 80] [--out benchmarks/results/numerics/upcast-cpu.json]
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--eval-every", type=int, default=40)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
-                                               "upcast-numerics-cpu.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "numerics" /
+                                               "upcast-cpu.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     runs = {}

@@ -52,6 +52,7 @@ def run(tmp_path, model: str, data: str, recipe: str, *overrides) -> dict:
         f"model.name={model}", "model.arch=llama", f"data.train={data}", "data.format=text",
         f"data.max_len={TOKENS}", "data.eval_size=0", "train.batch_size=2",
         "train.grad_accum=1", "train.max_steps=2", "train.warmup_steps=0",
+        "train.forgetting=false",
         f"train.output_dir={tmp_path}", *overrides])
     result = train(recipe_, overwrite=True)
     torch.cuda.empty_cache()

@@ -127,8 +127,8 @@ def fsdp_run(tmp_path_factory):
 def test_fsdp_trains_the_same_adapter_as_ddp_with_sharded_state(fsdp_run, ddp_run):
     fsdp_path, proc = fsdp_run
     ddp_path, _ = ddp_run
-    held, whole = re.search(r"on 2 x cpu \(FSDP2: this process holds ([\d.]+) MB of "
-                            r"([\d.]+) MB of weights\)", " ".join(proc.stderr.split())).groups()
+    held, whole = re.search(r"on 2 x cpu \(FSDP2: this process holds ([\d.]+) MiB of "
+                            r"([\d.]+) MiB of weights\)", " ".join(proc.stderr.split())).groups()
     assert float(held) == pytest.approx(float(whole) / 2, rel=0.02)
     fsdp, ddp = step_losses(fsdp_path), step_losses(ddp_path)
     assert [fsdp[s] for s in sorted(fsdp)] == pytest.approx([ddp[s] for s in sorted(ddp)],
@@ -243,8 +243,8 @@ def test_deepspeed_zero3_shards_weights_trains_like_ddp_and_resumes(ddp_run, tmp
     pytest.importorskip("deepspeed")
     proc = launch(tmp_path / "full", "launch.strategy=deepspeed", "launch.zero_stage=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    held, whole = re.search(r"\(DeepSpeed ZeRO-3: this process holds ([\d.]+) MB of "
-                            r"([\d.]+) MB of weights\)", " ".join(proc.stderr.split())).groups()
+    held, whole = re.search(r"\(DeepSpeed ZeRO-3: this process holds ([\d.]+) MiB of "
+                            r"([\d.]+) MiB of weights\)", " ".join(proc.stderr.split())).groups()
     assert float(held) == pytest.approx(float(whole) / 2, rel=0.02)
     path, (ddp_path, _) = tmp_path / "full" / "tiny-demo", ddp_run
     assert step_losses(path) == pytest.approx(step_losses(ddp_path), rel=1e-5)

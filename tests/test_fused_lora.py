@@ -100,3 +100,46 @@ def test_cases_it_does_not_cover_go_to_peft(monkeypatch):
     with torch.no_grad():
         fused(input_ids=IDS)
     assert len(calls) == 14  # back on the fused path
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes autograd saves for backward in one forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad()
+    return sum(seen.values())
+
+
+def test_fused_forward_on_a_bf16_base_keeps_its_dtype_and_saves_no_more():
+    """float32 adapters on a bf16 base: without autocast the output stays bf16 (as peft's);
+    under autocast A reads the bf16 input as it is (no cast to float32 and back) and the
+    forward saves no more for backward than peft's."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    plain, fused, _ = pair(config, tiny_base(dtype=torch.bfloat16))
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # peft's adapter dtype
+    x = torch.randn(4, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = plain.base_model.model.model.layers[0].self_attn.q_proj(x)
+        got = layer(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected.float(), atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, ga = outputs_and_grads(plain, IDS)
+        b, gb = outputs_and_grads(fused, IDS)
+    assert torch.allclose(a.float(), b.float(), atol=5e-2)
+    assert all(torch.allclose(ga[n], gb[n], atol=1e-2, rtol=5e-2) for n in ga)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_saves = saved_bytes(plain, IDS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert saved_bytes(fused, IDS) <= peft_saves

@@ -40,11 +40,18 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # rows: 2-D throughout, so nothing below is a view
     result = self.base_layer(x)
-    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+    autocast = torch.is_autocast_enabled(x.device.type)
+    # Under autocast A's matmul runs in the autocast dtype whatever x is: casting a 16-bit x to
+    # the (float32) adapter dtype first would only make A keep a second copy of x for its
+    # backward (as peft's bitsandbytes layers, skip the cast under autocast).
+    if not autocast:
+        x = self._cast_input_dtype(x, lora_a.weight.dtype)
+    h = lora_a(self.lora_dropout[name](x))
     weight = lora_b.weight
     if not result.dtype == h.dtype == weight.dtype:
-        if not torch.is_autocast_enabled(x.device.type):
-            return (result + lora_b(h) * self.scaling[name]).view(*shape[:-1], -1)
+        if not autocast:  # a float32 adapter on a 16-bit base: the output keeps the base dtype
+            out = result + lora_b(h) * self.scaling[name]
+            return out.to(result.dtype).view(*shape[:-1], -1)
         h, weight = h.to(result.dtype), weight.to(result.dtype)  # what autocast would do
     if type(self) is _PLAIN:
         # A plain linear's output is a fresh tensor its backward does not keep: add in place.

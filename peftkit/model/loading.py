@@ -160,7 +160,7 @@ def prepare_for_training(base, model: Model, gradient_checkpointing: bool):
     preparation and gradient checkpointing (peft's k-bit helper would otherwise turn
     checkpointing on by itself, through a deprecated transformers call)."""
     if model.quantize:
-        base = quantize.prepare_for_kbit_training(base)
+        base = quantize.prepare_for_kbit_training(base, model.upcast_unquantized)
     if gradient_checkpointing:
         # Non-reentrant: works with frozen inputs and does not warn; transformers still hooks
         # the embedding output to require grad ("input grads"), which is harmless here.

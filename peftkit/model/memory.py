@@ -7,7 +7,7 @@ The estimate adds up what one process holds at the peak of a training step:
   block (4 bytes; with double quantization 1 byte plus a float32 per 256 blocks). int8: 1
   byte/param plus a float32 scale per output row. bitsandbytes quantizes `nn.Linear` layers
   only and skips the LM head (and weights tied to it), so embeddings, norms and the head keep
-  model.dtype, which peft's k-bit preparation upcasts to float32;
+  model.dtype (float32 with model.upcast_unquantized, as peft's k-bit preparation does);
 - adapter weights, their gradients and AdamW's two states: float32, 16 bytes per parameter;
 - activations saved for backward. Per token and decoder layer, in values (h hidden size,
   a = heads x head_dim, I = MLP width), counted from what autograd saves in a Llama layer:
@@ -17,7 +17,9 @@ The estimate adds up what one process holds at the peak of a training step:
   (SDPA's additive mask) + with LoRA dropout each adapted linear's dropped input and its
   1-byte mask. Gradient checkpointing keeps only each layer's input (h), and with an int8
   base also the inputs of its 8-bit layers (2h + a + I: bitsandbytes keeps them on the
-  autograd context, out of checkpointing's reach). Plus 2h for the final norm;
+  autograd context, out of checkpointing's reach). Plus 2h for the final norm. With
+  train.offload_activations on a GPU these wait in CPU memory (offload.py): the GPU holds
+  one layer's input at a time;
 - the backward working set: the larger of the logits of the labelled positions (peftkit runs
   the LM head only there, in chunks of at most CHUNK_LOGITS logits, head_loss.py: logits,
   softmax and gradient of one chunk in float32, plus the hidden-state gradient of every
@@ -26,11 +28,12 @@ The estimate adds up what one process holds at the peak of a training step:
   dequantized). Backward frees the logits before it reaches the layers, so never both.
 
 Assumptions: every micro-batch holds `train.batch_size` x `data.max_len` tokens, all of them
-labelled (an upper bound for short or completion-only data). Activations take 2 bytes under
-16-bit weights or autocast with an unquantized base, else 4 (a quantized base keeps a float32
-residual stream). Not counted: python and torch themselves, the tokenized data, the CUDA
-context, and allocator caching or fragmentation (CPU RSS: see docs/qlora-and-memory.md,
-"Memory estimate vs measured").
+labelled (an upper bound for short or completion-only data). Activations take 2 bytes when
+the residual stream is 16-bit: 16-bit weights or autocast, unless a quantized base's
+unquantized weights are upcast (then embeddings and norms keep a float32 residual stream);
+else 4. Not counted: python and torch themselves, the tokenized data, the CUDA context, and
+allocator caching or fragmentation (CPU RSS: see docs/qlora-and-memory.md, "Memory estimate
+vs measured").
 """
 
 from __future__ import annotations
@@ -44,9 +47,8 @@ from dataclasses import dataclass, field
 import torch
 
 from peftkit.adapters.registry import adapter_method
-from peftkit.model.loading import attach_adapter, resolve_precision
+from peftkit.model.loading import attach_adapter
 from peftkit.model.sharded import plain_construction
-from peftkit.model.summary import base_config
 from peftkit.recipe.schema import Recipe
 
 try:
@@ -63,6 +65,7 @@ class Estimate:
     notes: dict[str, str]             # component -> how it was counted
     precision: str                    # e.g. "float32 weights, float32 activations"
     assumptions: list[str] = field(default_factory=list)
+    offloaded: int = 0                # bytes kept in CPU memory (train.offload_activations)
 
     @property
     def total(self) -> int:
@@ -70,7 +73,7 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {"total_bytes": self.total, "parts_bytes": dict(self.parts),
-                "precision": self.precision}
+                "precision": self.precision, "offloaded_bytes": self.offloaded}
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -119,31 +122,65 @@ def base_bytes(model, recipe: Recipe, weight_dtype: torch.dtype) -> tuple[int, i
                 quantized += quantized_bytes(w.numel(), w.shape[0], m.quantize, m.double_quant)
                 quantized_ids.add(id(w))
                 largest = max(largest, w.numel())
-    # peft's k-bit preparation upcasts the unquantized 16-bit weights to float32.
-    other_size = 4 if m.quantize else _size(weight_dtype)
+    other_size = 4 if _upcast(recipe) else _size(weight_dtype)
     other = sum(p.numel() * other_size for p in model.parameters() if id(p) not in quantized_ids)
     return quantized, other, largest
 
 
-def activation_floats_per_token(config, recipe: Recipe, adapted: list) -> dict[str, float]:
-    """Saved-for-backward values per token of one decoder layer (see the module doc)."""
+def _upcast(recipe: Recipe) -> bool:
+    """Whether k-bit preparation upcasts the unquantized weights to float32."""
+    return bool(recipe.model.quantize and recipe.model.upcast_unquantized)
+
+
+@dataclass(frozen=True)
+class ValueBytes:
+    """Bytes per saved activation value, by where it comes from."""
+    residual: int  # the residual stream: layer inputs, norms (float32 from upcast embeddings)
+    matmul: int    # matmul outputs: attention, MLP, LoRA A (16-bit under 16-bit autocast)
+    autocast: bool  # 16-bit autocast: a float32 input to LoRA's A is saved as a 16-bit copy
+
+    def describe(self) -> str:
+        if self.residual == self.matmul:
+            return "16-bit activations" if self.matmul == 2 else "float32 activations"
+        return "float32 residual stream, 16-bit matmul outputs"
+
+
+def value_bytes(recipe: Recipe, precision) -> ValueBytes:
+    """The residual stream is 16-bit with 16-bit weights, unless a quantized base's embeddings
+    and norms are upcast; matmuls give 16-bit outputs under 16-bit autocast."""
+    autocast = precision.mixed_precision in ("bf16", "fp16")
+    residual = 2 if _size(precision.dtype) == 2 and not _upcast(recipe) else 4
+    return ValueBytes(residual, 2 if autocast else residual, autocast)
+
+
+# LoRA layers whose input is a matmul output rather than a norm's (Llama-style names).
+_FED_BY_A_MATMUL = ("o_proj", "down_proj", "out_proj", "dense")
+
+
+def activation_bytes_per_token(config, recipe: Recipe, adapted: dict,
+                               size: ValueBytes = ValueBytes(4, 4, False)) -> dict[str, float]:
+    """Saved-for-backward bytes per token of one decoder layer (see the module doc);
+    `adapted`: {name: LoRA layer} of one decoder layer."""
     h = config.hidden_size
     heads = config.num_attention_heads
     a = heads * (getattr(config, "head_dim", None) or h // heads)
     inter = getattr(config, "intermediate_size", None) or 4 * h
-    r = recipe.adapter.r
-    lora = r * len(adapted)
-    dropout = 0.0
-    if recipe.adapter.dropout > 0:
-        dropout = sum(_in_features(mod) for mod in adapted) * (1 + 0.25)  # values + byte masks
+    lora = recipe.adapter.r * len(adapted)
+    copies = 0.0
+    if recipe.adapter.dropout > 0:  # each dropped input (saved by A) and its 1-byte mask
+        copies = sum(_in_features(mod) for mod in adapted.values()) * (size.matmul + 1)
+    elif size.autocast and size.residual > size.matmul:  # A keeps a 16-bit copy of a float32
+        copies = size.matmul * sum(_in_features(mod) for name, mod in adapted.items()  # input
+                                   if not name.endswith(_FED_BY_A_MATMUL))
     # Padded batches: SDPA keeps an additive mask (max_len values per token) in every layer.
     mask = 0 if getattr(recipe.data, "packing", False) else recipe.data.max_len
-    checkpoint = h
+    checkpoint = h * size.residual
     if recipe.model.quantize == "int8":
         # bitsandbytes' 8-bit matmul keeps its input on the autograd context, where
         # checkpointing cannot drop it: the attention and MLP inputs, o_proj's and down_proj's.
-        checkpoint += 2 * h + a + inter
-    return {"layer": 4 * h + 4 * a + 4 * inter + lora + dropout + mask, "checkpoint": checkpoint}
+        checkpoint += 2 * h * size.residual + (a + inter) * size.matmul
+    layer = 4 * h * size.residual + (4 * a + 4 * inter + lora + mask) * size.matmul + copies
+    return {"layer": layer, "checkpoint": checkpoint}
 
 
 def _in_features(mod) -> int:
@@ -151,9 +188,10 @@ def _in_features(mod) -> int:
     return getattr(base, "in_features", 0) or base.weight.shape[1]
 
 
-def estimate(recipe: Recipe, config, precision) -> Estimate:
+def estimate(recipe: Recipe, config, precision, device_type: str) -> Estimate:
     """Peak training memory of one process for `recipe` on `config` (a transformers config),
-    with `precision` from `modeling.resolve_precision` for the target device."""
+    with `precision` from `loading.resolve_precision` for the target device (`device_type`:
+    activations are offloaded on CUDA only)."""
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(config)  # a loaded base's config may say how it was quantized
@@ -164,13 +202,8 @@ def estimate(recipe: Recipe, config, precision) -> Estimate:
         quantized, other, largest = base_bytes(model, recipe, precision.dtype)
         peft_model = attach_adapter(model, recipe.adapter)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    # A quantized base keeps float32 activations even under 16-bit autocast: peft's k-bit
-    # preparation upcasts embeddings and norms to float32, and bitsandbytes returns each
-    # layer's output in its input dtype, so the residual stream stays float32.
-    sixteen = (precision.mixed_precision in ("bf16", "fp16") or _size(precision.dtype) == 2) \
-        and not recipe.model.quantize
-    act = 2 if sixteen else 4
-    compute = _size(precision.compute_dtype) if precision.compute_dtype is not None else act
+    size = value_bytes(recipe, precision)
+    compute = _size(precision.compute_dtype) if precision.compute_dtype else size.matmul
 
     parts, notes = {}, {}
     m = recipe.model
@@ -179,37 +212,52 @@ def estimate(recipe: Recipe, config, precision) -> Estimate:
         notes["base: quantized linears"] = m.quantize + " + double quant" * (
             m.double_quant and m.quantize != "int8")
         parts["base: other weights"] = other
-        notes["base: other weights"] = "embeddings, norms, LM head in float32"
+        notes["base: other weights"] = "embeddings, norms, LM head in " + (
+            "float32 (upcast)" if _upcast(recipe) else _dtype_name(precision.dtype))
     else:
         parts["base weights"] = other
-        notes["base weights"] = str(precision.dtype).removeprefix("torch.")
-    for name, size, note in (
+        notes["base weights"] = _dtype_name(precision.dtype)
+    for name, per_param, note in (
             ("adapter weights", 4, f"{trainable:,} trainable params, float32"),
             ("adapter gradients", 4, "float32"),
             ("AdamW states", 8, "2 x float32 per trainable param")):
-        parts[name], notes[name] = size * trainable, note
-    adapted = adapter_method(recipe.adapter).layers_saving_activations(peft_model)
-    act_parts = _activation_parts(config, recipe, adapted, act, largest * compute)
-    for name, (size, note) in act_parts.items():
-        parts[name], notes[name] = int(size), note
+        parts[name], notes[name] = per_param * trainable, note
+    names = {id(mod): name for name, mod in peft_model.named_modules()}
+    adapted = {names[id(mod)]: mod for mod in
+               adapter_method(recipe.adapter).layers_saving_activations(peft_model)}
+    offload = recipe.train.offload_activations and device_type == "cuda"
+    act_parts, offloaded = _activation_parts(config, recipe, adapted, size, largest * compute,
+                                             offload)
+    for name, (nbytes, note) in act_parts.items():
+        parts[name], notes[name] = int(nbytes), note
     t, d = recipe.train, recipe.data
-    return Estimate(parts, notes, f"{str(precision.dtype).removeprefix('torch.')} weights, "
-                    f"{'16-bit' if sixteen else 'float32'} activations",
-                    [f"micro-batch {t.batch_size} x {d.max_len} tokens, all labelled"])
+    return Estimate(parts, notes, f"{_dtype_name(precision.dtype)} weights, {size.describe()}",
+                    [f"micro-batch {t.batch_size} x {d.max_len} tokens, all labelled"],
+                    int(offloaded))
 
 
-def _activation_parts(config, recipe: Recipe, adapted: list, act: int,
-                      dequantized: int) -> dict[str, tuple[float, str]]:
-    """{"activations": (bytes, how), "backward working set": (bytes, which)}."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _activation_parts(config, recipe: Recipe, adapted: dict, size: ValueBytes,
+                      dequantized: int, offload: bool) -> tuple[dict[str, tuple[float, str]], float]:
+    """({"activations": (bytes, how), "backward working set": (bytes, which)}, bytes
+    offloaded to CPU memory)."""
     t = recipe.train
     tokens = t.batch_size * recipe.data.max_len
     layers, h = config.num_hidden_layers, config.hidden_size
     inter = getattr(config, "intermediate_size", None) or 4 * h
-    per = activation_floats_per_token(config, recipe, adapted)
+    per = activation_bytes_per_token(config, recipe, adapted, size)
     kept = per["checkpoint"] if t.gradient_checkpointing else per["layer"]
-    saved = tokens * (layers * kept + 2 * h) * act  # + the final norm's input and output
+    # + the final norm's input and output
+    saved = tokens * (layers * kept + 2 * h * size.residual)
     how = (f"{layers} layer inputs (gradient checkpointing)" if t.gradient_checkpointing else
-           f"{layers} layers x {per['layer']:,.0f} values/token") + f" x {tokens:,} tokens x {act} B"
+           f"{layers} layers x {per['layer']:,.0f} B/token") + f" x {tokens:,} tokens"
+    offloaded = 0.0
+    if offload:  # in CPU memory until backward; the GPU holds the one being used
+        offloaded, saved = saved, tokens * kept
+        how = f"one layer's, the rest ({human(offloaded)}) offloaded to CPU memory"
     # Backward frees the logits before it reaches the decoder layers: the peak holds either
     # the logits with their gradient, or one layer's backward, not both.
     vocab = config.vocab_size
@@ -217,8 +265,11 @@ def _activation_parts(config, recipe: Recipe, adapted: list, act: int,
     # logits (head_loss.py); a chunk holds logits, softmax and gradient at most, and the
     # hidden-state gradient of every position is kept.
     chunk = min(tokens * vocab, CHUNK_LOGITS or tokens * vocab)
-    logits = chunk * 12 + (tokens * h * 4 if chunk < tokens * vocab else 0)
-    layer = (per["layer"] * t.gradient_checkpointing + 2 * h + 2 * inter) * tokens * act \
+    logits = chunk * 12 + (tokens * h * size.residual if chunk < tokens * vocab else 0)
+    # A layer's backward needs all it saved: recomputed under checkpointing, copied back
+    # from CPU memory when offloaded, or (neither) already counted in the activations.
+    rebuilt = t.gradient_checkpointing or offload
+    layer = (per["layer"] * rebuilt + 2 * h * size.residual + 2 * inter * size.matmul) * tokens \
         + dequantized
     if logits >= layer:
         chunked = f" in chunks of {chunk:,}" if chunk < tokens * vocab else ""
@@ -226,9 +277,10 @@ def _activation_parts(config, recipe: Recipe, adapted: list, act: int,
                            f" (logits, softmax, gradient: 3 x float32) > one layer's "
                            f"backward {human(layer)}")
     else:
-        working = (layer, f"one layer's backward{' with its recompute' * t.gradient_checkpointing}"
-                          f" > logits {human(logits)}")
-    return {"activations": (saved, how), "backward working set": working}
+        what = " with its recompute" if t.gradient_checkpointing else \
+            " with its reloaded activations" if offload else ""
+        working = (layer, f"one layer's backward{what} > logits {human(logits)}")
+    return {"activations": (saved, how), "backward working set": working}, offloaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +352,9 @@ class PeakMemory:
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else _maxrss_bytes()
         out = {"peak_bytes": peak, "baseline_bytes": self.baseline,
                "above_baseline_bytes": max(0, peak - self.baseline), "method": self.method}
-        if not self.cuda:  # fresh pages the kernel had to supply: memory churn, which costs
+        if self.cuda:  # what the caching allocator held at most (nvidia-smi's share of it)
+            out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        else:  # fresh pages the kernel had to supply: memory churn, which costs
             out["page_faults"] = _page_faults() - self.faults  # differently on each host
         return out
 
@@ -321,45 +375,8 @@ def report(estimate: Estimate, peak: PeakMemory) -> dict:
 
 
 def human(n: float) -> str:
-    for unit, scale in (("GB", GB), ("MB", 1024 ** 2), ("KB", 1024)):
+    """Bytes in binary units (GiB = 1024**3 bytes), as torch.cuda reports memory."""
+    for unit, scale in (("GiB", GB), ("MiB", 1024 ** 2), ("KiB", 1024)):
         if abs(n) >= scale:
             return f"{n / scale:,.2f} {unit}"
     return f"{n:,.0f} B"
-
-
-def print_estimate(recipe: Recipe, console) -> None:
-    """`peftkit show`: the estimate for the device this machine would train on and, without a
-    GPU here, for a bf16-capable GPU (what the real recipes are sized for)."""
-    from rich.table import Table
-
-    config, source = base_config(recipe)
-    if config is None:
-        console.print("memory estimate: unknown (base config unavailable offline)")
-        return
-    here = "cuda" if torch.cuda.is_available() else "cpu"
-    targets = {here: estimate(recipe, config, resolve_precision(recipe.model, recipe.launch,
-                                                                here))}
-    if here == "cpu":
-        targets["bf16 GPU"] = estimate(recipe, config, resolve_precision(
-            recipe.model, recipe.launch, "cuda", bf16_ok=True))
-    first = next(iter(targets.values()))
-    table = Table(title=f"memory estimate per process (peak of a training step; "
-                        f"{first.assumptions[0]})", title_justify="left", box=None,
-                  padding=(0, 2))
-    table.add_column("part")
-    for name in targets:
-        table.add_column(name, justify="right")
-    table.add_column("how it is counted", overflow="fold")
-    for part in first.parts:
-        table.add_row(part, *[human(e.parts[part]) for e in targets.values()],
-                      f"[dim]{first.notes[part]}[/]")
-    table.add_row("[bold]total[/]", *[f"[bold]{human(e.total)}[/]" for e in targets.values()],
-                  "[dim]+ CUDA context (~1 GB) on a GPU; see peftkit/model/memory.py[/]")
-    console.print(table)
-    console.print("  " + "; ".join(f"{name}: {e.precision}" for name, e in targets.items()))
-    available, what = device_total(here)
-    if available:
-        share = first.total / available
-        colour = "green" if share < 0.9 else "red"
-        console.print(f"{here}: [{colour}]{human(first.total)} of {human(available)} {what} "
-                      f"({100 * share:.0f}%)[/]")

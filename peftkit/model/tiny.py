@@ -124,3 +124,24 @@ def build_tiny(name: str, arch: str, size: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_random(config, target: Path, device: str = "cpu", dtype: str = "bfloat16") -> Path:
+    """A random-weight model of any shape (`config`, e.g. `shapes.known_config(name)`) saved
+    to `target` with peftkit's tokenizer: full-size stand-ins for memory and speed checks
+    (scripts/gpu_check.py builds Llama-3.2-1B and -3.1-8B shapes on the GPU, where random
+    initialisation of 8B weights takes seconds). Rows of the embeddings and head past the
+    tokenizer's 4096 tokens are never looked up, as in the tiny "m" size."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    if (target / "config.json").is_file():
+        return target
+    with torch.random.fork_rng(devices=[]), torch.device(device), plain_construction():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    target.mkdir(parents=True, exist_ok=True)
+    with quiet_progress():
+        model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(target)
+    return target

@@ -54,6 +54,10 @@ class Model:
     quant_storage: str = _f("auto", "4-bit only: dtype the packed 4-bit weights are stored in; "
                                     "auto = uint8; FSDP needs it equal to model.dtype",
                             ("auto", "uint8", "bfloat16", "float16", "float32"))
+    upcast_unquantized: bool = _f(False, "quantized base: upcast its unquantized weights "
+                                         "(embeddings, norms, LM head) to float32, as peft's "
+                                         "prepare_model_for_kbit_training does; false keeps them "
+                                         "in model.dtype (half their memory, 16-bit activations)")
     attn_implementation: str = _f("auto", "attention kernel; auto = transformers' default for "
                                           "the architecture (sdpa where supported)",
                                   ("auto", "sdpa", "eager", "flash_attention_2"))
@@ -132,6 +136,10 @@ class Train:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    offload_activations: bool = _f(False, "CUDA, train.objective=sft: keep the activations "
+                                          "saved for backward (with gradient checkpointing: "
+                                          "each layer's input) in pinned CPU memory, copied "
+                                          "back in backward; for long sequences")
     compile: bool = _f(False, "torch.compile each decoder layer (fuses the elementwise work "
                               "around the matmuls; the first step pays a compile of tens of "
                               "seconds)")
@@ -205,6 +213,7 @@ RESUME_SAFE = frozenset({
     "train.save_every", "train.keep_checkpoints", "train.eval_generate", "train.max_new_tokens",
     "train.output_dir", "train.gradient_checkpointing", "train.forgetting",
     "train.forgetting_warn", "data.eval", "model.attn_implementation",
+    "train.offload_activations",  # same values back in backward, only where they wait
     "data.packing", "train.compile",  # same samples and loss per step, only faster
     "launch.num_processes", "launch.hardware", "train.report_to",
     "hub.repo_id", "hub.private", "hub.revision", "hub.license", "hub.push_at_end",

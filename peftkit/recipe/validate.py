@@ -57,6 +57,9 @@ def _quantization_problems(m: Model) -> list[str]:
     if not four_bit and m.compute_dtype != "auto":
         problems.append(f"model.compute_dtype={m.compute_dtype!r}: {only} (8-bit layers compute "
                         "in the activation dtype; an unquantized base uses model.dtype)")
+    if not m.quantize and m.upcast_unquantized:
+        problems.append("model.upcast_unquantized=True: only applies to a quantized base "
+                        "(model.quantize=nf4, fp4 or int8); an unquantized base uses model.dtype")
     return problems
 
 

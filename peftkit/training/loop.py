@@ -238,8 +238,8 @@ def _finish(state: TrainingState, show: TrainProgress, log: tracking.TrackedLog,
         alarm = forgetting.warning(result.forgetting, recipe.train.forgetting_warn)
         if alarm:
             show.note(f"[yellow]warning:[/] {alarm}")
-    result.memory = memory.report(memory.estimate(recipe, model.model.config, run.precision),
-                                  model.peak)
+    result.memory = memory.report(memory.estimate(recipe, model.model.config, run.precision,
+                                                  acc.device.type), model.peak)
     state_dict = full_state_dict(acc, state.opt.loss_module, model.peft_model)
     if main:
         _save_outputs(run.path, recipe, model.peft_model, data.tokenizer,

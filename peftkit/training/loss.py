@@ -14,6 +14,7 @@ from torch import nn
 
 from peftkit.data.batching import IGNORE
 from peftkit.model.head_loss import head_loss
+from peftkit.model.offload import OffloadActivations
 
 # Architectures whose logits are exactly lm_head(final hidden state), optionally soft-capped.
 # Others (e.g. with logit scaling) take the full forward; tests pin the equality for each.
@@ -21,16 +22,31 @@ HEAD_ONLY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3")
 
 
 class TokenLoss(nn.Module):
-    """forward(batch) -> (summed cross-entropy over labelled positions, number of them)."""
+    """forward(batch) -> (summed cross-entropy over labelled positions, number of them).
 
-    def __init__(self, model: nn.Module):
+    `offload`: keep what the forward saves for backward in CPU memory (train.offload_activations,
+    model/offload.py); `offloaded_bytes` then says how much the last forward moved."""
+
+    def __init__(self, model: nn.Module, offload: bool = False):
         super().__init__()
         self.model = model  # the PeftModel
+        self.offload = offload
+        self.offloaded_bytes = 0
         # FSDP's transformer-based auto-wrap looks for the decoder layer classes here.
         self._no_split_modules = getattr(model.get_base_model(), "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, labels, **packed):
         """`packed`: position_ids and cu_seq_lens_* of a packed row (peftkit/packing.py)."""
+        # Only a forward that builds a graph saves anything (evaluation runs under no_grad).
+        if not (self.offload and torch.is_grad_enabled()):
+            return self._loss(input_ids, attention_mask, labels, **packed)
+        hooks = OffloadActivations(self, input_ids.device.type)
+        with hooks:
+            out = self._loss(input_ids, attention_mask, labels, **packed)
+        self.offloaded_bytes = hooks.offloaded_bytes
+        return out
+
+    def _loss(self, input_ids, attention_mask, labels, **packed):
         targets = labels[:, 1:]
         keep = targets != IGNORE
         base = self.model.get_base_model()

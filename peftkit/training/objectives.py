@@ -35,7 +35,9 @@ class NextTokenObjective:
         return dataset.build(self.recipe.data, tokenizer, self.recipe.train.seed)
 
     def loss_module(self, peft_model):
-        return TokenLoss(peft_model)
+        # train.offload_activations: on CUDA only (a CPU run's activations are there already)
+        offload = self.recipe.train.offload_activations and torch.cuda.is_available()
+        return TokenLoss(peft_model, offload)
 
     def prepare(self, accelerator, peft_model, data) -> None:
         """Anything to compute before the first step, with the adapter at its start point."""

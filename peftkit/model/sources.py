@@ -116,16 +116,10 @@ def _on_hub_or_cached(model: Model) -> bool:
         return False
 
 
-_ANNOUNCED: set[str] = set()  # conversions this process has named already
-
-
 def _converted(file: Path, what: str, via: str) -> str:
     target, now = gguf.convert(file, what)
     facts = gguf.info(target)
-    # Once per machine (not per process), and once per process: training resolves the base
-    # both before the processes connect and when it loads the tokenizer.
-    if os.environ.get("LOCAL_RANK", "0") == "0" and str(target) not in _ANNOUNCED:
-        _ANNOUNCED.add(str(target))
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine, not once per process
         done = "converted once" if now else "converted earlier"
         print(f"note: base weights: {via} ({facts['gguf_type']}, sha256 "
               f"{facts['sha256'][:12]}), {done} to {target}; GGUF weights are quantized then "

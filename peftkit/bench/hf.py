@@ -39,10 +39,16 @@ class RecordingCollator:
 
     def __call__(self, features):
         batch = self.collator(features)
-        self.samples.append([fingerprint(list(f["input_ids"])) for f in features])
-        self.real.append(int(batch["attention_mask"].sum()))
+        self.samples.append(self.fingerprints(features))
+        self.real.append(self.real_tokens(features, batch))
         self.computed.append(batch["input_ids"].numel())
         return batch
+
+    def fingerprints(self, features) -> list[str]:
+        return [fingerprint(list(f["input_ids"])) for f in features]
+
+    def real_tokens(self, features, batch) -> int:
+        return int(batch["attention_mask"].sum())
 
 
 def step_timer():

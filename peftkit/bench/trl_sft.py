@@ -37,9 +37,10 @@ import tempfile
 
 import torch
 
-from peftkit.bench.hf import checkpointing_args, load_peft, step_timer
+from peftkit.bench.hf import RecordingCollator, checkpointing_args, load_peft, step_timer
 from peftkit.bench.same_work import fingerprint, identical_batch
 from peftkit.data import dataset
+from peftkit.data.example import IGNORE
 from peftkit.model import memory
 from peftkit.model.loading import base_path, count_parameters, load_tokenizer, resolve_precision
 from peftkit.recipe.schema import Recipe
@@ -51,34 +52,27 @@ def available() -> bool:
     return importlib.util.find_spec("trl") is not None
 
 
-class PackedRecordingCollator:
-    """Calls TRL's collator and records, per micro-batch, which samples (split at the packed
-    rows' `seq_lengths`) and how many real and computed tokens."""
+class PackedRecordingCollator(RecordingCollator):
+    """TRL's collator, recorded: the samples are split at the packed rows' `seq_lengths`, and
+    a padding-free batch has no attention mask (every token is real)."""
 
-    def __init__(self, collator):
-        self.collator = collator
-        self.samples: list[list[str]] = []
-        self.real: list[int] = []
-        self.computed: list[int] = []
-
-    def __call__(self, features):
-        batch = self.collator(features)
+    def fingerprints(self, features) -> list[str]:
         samples = []
         for f in features:
             ids, start = list(f["input_ids"]), 0
             for n in f["seq_lengths"]:
                 samples.append(fingerprint(ids[start:start + n]))
                 start += n
-        self.samples.append(samples)
-        self.real.append(sum(len(f["input_ids"]) for f in features))
-        self.computed.append(batch["input_ids"].numel())
-        return batch
+        return samples
+
+    def real_tokens(self, features, batch) -> int:
+        return sum(len(f["input_ids"]) for f in features)
 
 
 def features_of(examples) -> list[dict]:
     """peftkit's samples as TRL's pre-tokenized prompt-completion input."""
     return [{"input_ids": list(e.input_ids),
-             "completion_mask": [int(label != -100) for label in e.labels]} for e in examples]
+             "completion_mask": [int(label != IGNORE) for label in e.labels]} for e in examples]
 
 
 def row_length(features: list[dict], rows: int) -> int:

@@ -54,7 +54,10 @@ def test_hub_id_offline_converts_the_packaged_gguf_once(converted, capsys):
     assert info["sha256"] == hashlib.sha256(GGUF.read_bytes()).hexdigest()
     assert (info["architecture"], info["gguf_type"], info["dtype"]) == ("llama", "Q4_1",
                                                                        "float32")
+    capsys.readouterr()
+    sources._NOTED.clear()  # a fresh process: the note says where the weights came from
     assert sources.resolve(Model(HUB_ID)) == str(converted)  # from the cache, not again
+    assert sources.resolve(Model(HUB_ID)) == str(converted)  # and said once per process
     note = capsys.readouterr().err.strip().splitlines()
     assert len(note) == 1 and "converted earlier" in note[0] and "dequantized" in note[0]
     assert f"package {COPY.package}" in note[0] and "Hub unreachable" in note[0]

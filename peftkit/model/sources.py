@@ -116,10 +116,15 @@ def _on_hub_or_cached(model: Model) -> bool:
         return False
 
 
+_NOTED: set[Path] = set()  # converted bases whose note this process has printed
+
+
 def _converted(file: Path, what: str, via: str) -> str:
     target, now = gguf.convert(file, what)
     facts = gguf.info(target)
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine, not once per process
+    # Once per machine (LOCAL_RANK 0) and once per process: training resolves the base twice.
+    if os.environ.get("LOCAL_RANK", "0") == "0" and target not in _NOTED:
+        _NOTED.add(target)
         done = "converted once" if now else "converted earlier"
         print(f"note: base weights: {via} ({facts['gguf_type']}, sha256 "
               f"{facts['sha256'][:12]}), {done} to {target}; GGUF weights are quantized then "

@@ -3,7 +3,8 @@
 Two Llama-architecture models with random weights (benchmarks/recipes/tiny.py: 7.6M params,
 4k vocab; small.py: 58M params, 32k vocab), each on (a) long-tailed instruction-like lengths
 (median ~220 tokens, 16..1024) and (b) fixed 256-token samples, with LoRA and with QLoRA (NF4
-base through bitsandbytes). Sized to run in minutes on a 2-core CPU.
+base through bitsandbytes). Sized to run in minutes on a 2-core CPU. Then the real
+SmolLM2-135M-Instruct on real conversations (benchmarks/recipes/real.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def entries() -> list[Entry]:
         Entry("small / varlen / LoRA vs TRL", "small.py", vs=("trl",), steps=4, repeat=3),
         Entry("small / fixed-256 / LoRA", "small.py", fixed(), vs=("hf",), steps=8),
         Entry("small / varlen / QLoRA-nf4", "small.py", ("model.quantize=nf4",), steps=8),
+        # The real model on real conversations (benchmarks/recipes/real.py), against both
+        # peers; 4 steps (3 timed) of ~2,500 tokens each on a 135M model.
+        Entry("real / chitchat / LoRA", "real.py", vs=("hf", "trl"), steps=4),
     ]
 
 

@@ -1,6 +1,6 @@
-"""Synthetic, deterministic training data for throughput benchmarks.
+"""Deterministic training data for throughput benchmarks: synthetic lengths, and real ones.
 
-Text is random words of the demo tokenizer's vocabulary (each a single token), so a sample's
+Synthetic text is random words of the demo tokenizer's vocabulary (each a single token), so a sample's
 token count is what was drawn. It is not learnable beyond word frequencies, and need not be:
 the benchmarks measure speed and memory of the same work, not what the model learns.
 
@@ -8,6 +8,11 @@ the benchmarks measure speed and memory of the same work, not what the model lea
   tail: mean ~300, 5% above ~800), clipped to 16..1024; the prompt is 15-60% of a sample and
   carries no loss, the completion and EOS do.
 - `fixed`: every sample exactly 256 tokens (64 prompt + 191 completion + EOS).
+- `chitchat`: real conversations, as `messages` chats: the human-written open-domain English
+  of PyPI package `chitchat-dataset` (BYU PCC lab, MIT; in `peftkit[bench]`), each speaker's
+  consecutive utterances one turn, the first speaker `user`, the other `assistant`. For a real
+  model with its chat template: real lengths and real text (mean 33 turns; one-sided
+  conversations, with no reply, are left out).
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import math
 import random
 from pathlib import Path
 
-KINDS = ("varlen", "fixed")
+from peftkit.errors import UserError
+
+KINDS = ("varlen", "fixed", "chitchat")
+CHITCHAT = ("chitchat-dataset", "chitchat_dataset/dataset.json")  # (package, file in it)
 MEDIAN, SIGMA, SHORTEST, LONGEST = 220, 0.8, 16, 1024
 FIXED_PROMPT, FIXED_COMPLETION = 64, 191
 
@@ -45,9 +53,35 @@ def _lengths(kind: str, rng: random.Random) -> tuple[int, int]:
     return prompt, max(1, total - prompt - 1)
 
 
+def chitchat_rows(n: int, seed: int = 0) -> list[dict]:
+    """n conversations of chitchat-dataset picked with random.Random(seed), as chats."""
+    from importlib import metadata
+
+    package, file = CHITCHAT
+    try:
+        path = Path(str(metadata.distribution(package).locate_file(file)))
+    except metadata.PackageNotFoundError:
+        raise UserError(f"benchmark data 'chitchat' needs package {package}: pip install "
+                        f"{package} (or pip install 'peftkit[bench]')") from None
+    convos = json.loads(path.read_text(encoding="utf-8"))
+    chats = []
+    for key in sorted(convos):
+        turns = ["\n".join(" ".join(u["text"].split()) for u in turn)
+                 for turn in convos[key]["messages"]]
+        if len(turns) >= 2 and all(turns):  # a reply to learn from, and no empty turn
+            chats.append({"messages": [{"role": ("user", "assistant")[i % 2], "content": t}
+                                       for i, t in enumerate(turns)]})
+    if n > len(chats):
+        raise UserError(f"benchmark data 'chitchat': {n} conversations asked, the dataset has "
+                        f"{len(chats)} with a reply; ask for at most that many")
+    return random.Random(f"chitchat-{seed}").sample(chats, n)
+
+
 def rows(kind: str, n: int, seed: int = 0) -> list[dict]:
     if kind not in KINDS:
         raise ValueError(f"unknown benchmark data kind {kind!r}; use one of {KINDS}")
+    if kind == "chitchat":
+        return chitchat_rows(n, seed)
     words, rng = _words(), random.Random(f"{kind}-{seed}")
     out = []
     for _ in range(n):

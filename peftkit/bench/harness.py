@@ -231,7 +231,8 @@ def environment() -> dict:
     from importlib import metadata
 
     versions = {}
-    for package in ("peftkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+    for package in ("peftkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes",
+                    "trl", "datasets"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -306,7 +306,8 @@ def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: 
                                                          "step_loss")}
                 for name, i in shown.items()},
         "runs": {name: [{k: s[name][k] for k in ("tokens_per_s", "peak_memory_bytes",
-                                                  "loadavg_before")} for s in summaries]
+                                                  "loadavg_before", "reference_seconds")}
+                        for s in summaries]
                  for name in shown},
     }
     mixed = precision.mixed_precision != "no"

@@ -23,7 +23,7 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 @dataclass(frozen=True)
 class Entry:
     label: str
-    recipe: str  # file under benchmarks/recipes/
+    recipe: str  # file under benchmarks/recipes/ (or relative to it)
     overrides: tuple[str, ...] = ()
     vs: tuple[str, ...] = ("hf", "hf-grouped")
     steps: int = 8
@@ -36,7 +36,7 @@ class Entry:
 
     @property
     def path(self) -> str:
-        return str(RECIPES / self.recipe)
+        return str((RECIPES / self.recipe).resolve())
 
 
 def fixed() -> tuple[str, ...]:
@@ -55,8 +55,12 @@ def entries() -> list[Entry]:
         Entry("small / fixed-256 / LoRA", "small.py", fixed(), vs=("hf",), steps=8),
         Entry("small / varlen / QLoRA-nf4", "small.py", ("model.quantize=nf4",), steps=8),
         # The real model on real conversations (benchmarks/recipes/real.py), against both
-        # peers; 4 steps (3 timed) of ~2,500 tokens each on a 135M model.
+        # peers; 4 steps (3 timed) of ~4,300 tokens each on a 135M model.
         Entry("real / chitchat / LoRA", "real.py", vs=("hf", "trl"), steps=4),
+        # DPO against TRL's DPOTrainer: the shipped demo recipe (tiny Llama, sort/reverse
+        # pairs, batch 16); 20 steps (19 timed) of ~0.3 s each, 3 alternating runs.
+        Entry("demo / DPO vs TRL", "../../recipes/demo_dpo.py", vs=("trl",), steps=20,
+              repeat=3),
     ]
 
 

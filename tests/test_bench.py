@@ -403,3 +403,108 @@ def test_ratio_cells_show_the_spread():
     assert ratio_cell({"tokens_per_s": 2.5, "spread": {"tokens_per_s": spread}},
                       "tokens_per_s") == "2.50x (2.10-3.00)"
     assert ratio_cell({"peak_memory": None}, "peak_memory") == "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# The TRL side of a DPO recipe (`--vs trl` on train.objective=dpo): DPOTrainer + peft.
+
+DPO_STEPS = 2
+DPO_BENCH = ["bench", "demo-dpo", "model.tiny_size=xs", "train.batch_size=4",
+             "train.warmup_steps=0", "--steps", str(DPO_STEPS), "--vs", "trl", "--inline"]
+
+
+@pytest.fixture(scope="module")
+def dpo_compared(tmp_path_factory):
+    """peftkit and TRL's DPOTrainer on demo-dpo, in this process; keeps the raw sides and the
+    recipe they ran (with a copy of its samples file)."""
+    _needs_trl()
+    folder = tmp_path_factory.mktemp("bench-dpo")
+    out = folder / "dpo.json"
+    captured, recipes = {}, []
+    real = bench.run_sides
+
+    def keep(recipe, *args, **kwargs):
+        captured.update(real(recipe, *args, **kwargs))
+        samples = folder / "samples.jsonl"
+        shutil.copy(recipe.data.train, samples)
+        recipes.append(dataclasses.replace(recipe, data=dataclasses.replace(
+            recipe.data, train=str(samples))))
+        return copy.deepcopy(captured)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "run_sides", keep)
+        code = main([*DPO_BENCH, "--out", str(out)])
+    return code, json.loads(out.read_text()), captured, recipes[-1]
+
+
+def test_trl_dpo_side_does_the_same_work(dpo_compared):
+    import math
+
+    from peftkit.data import preference
+    from peftkit.data.sources import load_records
+    from peftkit.model.loading import base_path, load_tokenizer
+
+    code, result, sides, recipe = dpo_compared
+    assert code == 0 and result["equal_work"]["ok"], result["equal_work"]["problems"]
+    # The work, independently: the selected pairs' two sequences each (the prompt in both).
+    tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
+    rows, _ = load_records(recipe.data.train, False)
+    pairs, _ = preference.encode_pairs(rows, tokenizer, recipe.data)
+    assert result["samples"] == len(pairs) == 4 * DPO_STEPS
+    assert result["tokens"] == sum(len(p.chosen.input_ids) + len(p.rejected.input_ids)
+                                   for p in pairs)
+    prints = sorted(same_work.fingerprint(p.input_ids) for p in pairs)
+    for name in ("peftkit", "trl"):
+        assert sum(sides[name]["step_tokens"]) == result["tokens"]
+        assert len(sides[name]["step_loss"]) == DPO_STEPS
+        assert sides[name]["samples"] == prints
+        assert result["sides"][name]["reference_seconds"] > 0
+    settings = result["sides"]["trl"]["side_settings"]
+    assert settings["precompute_ref_log_probs"] and not settings["padding_free"]
+    assert not settings["activation_checkpointing"]  # the recipe's, not TRL's default (on)
+    # The identical batch: the same reference log-probs (summed over each response), and the
+    # same DPO loss with the adapter off (policy = reference: log 2) and with seeded values.
+    ours, theirs = sides["peftkit"], sides["trl"]
+    assert len(ours["reference_logps"]) == 2 * 4 and len(set(ours["reference_logps"])) > 1
+    assert theirs["reference_logps"] == pytest.approx(ours["reference_logps"], rel=1e-4)
+    assert ours["reference_loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert theirs["reference_loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert ours["adapter_loss"] != pytest.approx(math.log(2), rel=1e-3)
+    assert theirs["adapter_loss"] == pytest.approx(ours["adapter_loss"], rel=1e-4)
+
+
+def test_trl_dpo_with_other_settings_is_refused(dpo_compared, monkeypatch):
+    """TRL trained with twice the beta: the same pairs, tokens and reference, another
+    objective; and a reference that differs is named."""
+    from peftkit.bench import trl_dpo
+    from peftkit.bench.side import run_side
+
+    _, result, sides, recipe = dpo_compared
+    work = {"tokens": result["tokens"], "samples": result["samples"],
+            "fingerprints": sorted(sides["peftkit"]["samples"])}
+    config = trl_dpo._config
+
+    def doubled(*args, **kwargs):
+        args_ = config(*args, **kwargs)
+        args_.beta *= 2
+        return args_
+
+    monkeypatch.setattr(trl_dpo, "_config", doubled)
+    other = json.loads(json.dumps(run_side("trl", recipe)))
+    problems = same_work.equal_work(work, {"peftkit": sides["peftkit"], "trl": other},
+                                    DPO_STEPS, mixed=False).problems
+    assert any("trl: loss on the identical first batch (adapter on)" in p for p in problems)
+    assert not any("reference log-prob" in p or "exactly once" in p or p.startswith("trl: trained")
+                   for p in problems), problems
+    tampered = copy.deepcopy(sides)
+    tampered["trl"]["reference_logps"][0] *= 1.01
+    problems = same_work.equal_work(work, tampered, DPO_STEPS, mixed=False).problems
+    assert len(problems) == 1 and "reference log-probabilities" in problems[0], problems
+
+
+def test_preference_comparisons_trl_cannot_make_are_user_errors(capsys):
+    assert main(["bench", "demo-dpo", "train.objective=orpo", "--vs", "trl"]) == 2
+    assert main(["bench", "demo-dpo", "--vs", "hf"]) == 2
+    assert main(["bench", "demo-dpo", "train.label_smoothing=0.1", "--vs", "trl"]) == 2
+    err = capsys.readouterr().err
+    assert "train.objective=orpo" in err and "SFT only" in err and "label_smoothing" in err

@@ -79,26 +79,12 @@ def select_samples(recipe: Recipe, folder: str) -> tuple[Recipe, dict]:
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     from peftkit.data.batching import loss_tokens
-    from peftkit.data.formats import detect_format
-    from peftkit.data.render import tokenize_record
-    from peftkit.data.sources import BadRow, load_records
-    from peftkit.bench.same_work import fingerprint
+    from peftkit.bench.same_work import fingerprint, sequences
     from peftkit.model.loading import base_path, load_tokenizer
 
     d, t = recipe.data, recipe.train
     tokenizer, _ = load_tokenizer(base_path(recipe.model), recipe.model)
-    rows, _ = load_records(d.train, d.skip_bad_rows)
-    fmt = d.format if d.format != "auto" else detect_format(rows[0], rows[0].where)
-    candidates = []
-    for row in rows[: d.max_samples or None]:
-        try:
-            example = tokenize_record(row, fmt, tokenizer, d, row.where)
-        except BadRow:
-            if not d.skip_bad_rows:
-                raise
-            continue
-        if example is not None:
-            candidates.append((row, example))
+    fmt, candidates = _candidates(recipe, tokenizer)
     group = t.batch_size * t.grad_accum
     order = get_length_grouped_indices([len(e.input_ids) for _, e in candidates], group,
                                        generator=torch.Generator().manual_seed(t.seed))
@@ -114,14 +100,48 @@ def select_samples(recipe: Recipe, folder: str) -> tuple[Recipe, dict]:
                             for row, _ in chosen))
     examples = [e for _, e in chosen]
     lengths = [len(e.input_ids) for e in examples]
+    # A preference pair is two sequences (prompt + chosen, prompt + rejected): its tokens are
+    # both sequences', and attention runs within each (flops_per_token).
+    lengths_run = [len(s.input_ids) for e in examples for s in sequences(e)]
     work = {"samples": len(examples), "tokens": sum(lengths), "labelled": loss_tokens(examples),
-            "lengths": lengths,
+            "lengths": lengths_run,
             "fingerprints": sorted(fingerprint(e.input_ids) for e in examples),
             "selection": {"rows": len(candidates), "batches_in_epoch": len(groups),
                           "megabatch_batches": max(1, min(len(candidates) // (group * 4), 50)),
                           "batches_picked": picked, "source": d.train}}
     selected = dataclasses.replace(d, train=str(path), format=fmt, max_samples=0)
     return dataclasses.replace(recipe, data=selected), work
+
+
+def _candidates(recipe: Recipe, tokenizer) -> tuple[str, list]:
+    """(data.format to keep, [(row, its tokenized sample)]) of data.train: an `Example` per
+    SFT row, a `PreferencePair` per preference row (train.objective dpo/orpo)."""
+    from peftkit.data import preference
+    from peftkit.data.formats import detect_format
+    from peftkit.data.render import tokenize_record
+    from peftkit.data.sources import BadRow, load_records
+    from peftkit.recipe.objective import PREFERENCE_OBJECTIVES
+
+    d = recipe.data
+    rows, _ = load_records(d.train, d.skip_bad_rows)
+    rows = rows[: d.max_samples or None]
+    if recipe.train.objective in PREFERENCE_OBJECTIVES:
+        # Row by row, so each pair keeps its row; pairs the objective drops (identical
+        # responses, no response token left) are not candidates.
+        pairs = [(row, preference.encode_pairs([row], tokenizer, d)[0]) for row in rows]
+        return d.format, [(row, p[0]) for row, p in pairs if p]
+    fmt = d.format if d.format != "auto" else detect_format(rows[0], rows[0].where)
+    candidates = []
+    for row in rows:
+        try:
+            example = tokenize_record(row, fmt, tokenizer, d, row.where)
+        except BadRow:
+            if not d.skip_bad_rows:
+                raise
+            continue
+        if example is not None:
+            candidates.append((row, example))
+    return fmt, candidates
 
 
 def flops_per_token(recipe: Recipe, work: dict) -> tuple[float, dict]:
@@ -195,6 +215,12 @@ def summarise(side: dict, recipe: Recipe, per_token: float, peak_flops: float) -
         "trainable": side["parameters"][0], "total": side["parameters"][1],
         "final_loss": side["step_loss"][-1], "mean_loss": statistics.fmean(side["step_loss"]),
         "reference_loss": side["reference_loss"], "adapter_loss": side.get("adapter_loss"),
+        # DPO: the reference pass over the run's pairs, before step 1 on both sides (untimed
+        # in the steps; measured on its own, see the sides)
+        "reference_seconds": side.get("reference_seconds"),
+        "reference_share": side["reference_seconds"] / (side["reference_seconds"]
+                                                        + sum(side["step_seconds"]))
+        if side.get("reference_seconds") else None,
         "packed": side["packed"], "side_settings": side.get("settings"),
         "threads": side["threads"], "loadavg_before": side["loadavg_before"],
         "loadavg_after": side["loadavg_after"],
@@ -205,7 +231,8 @@ def environment() -> dict:
     from importlib import metadata
 
     versions = {}
-    for package in ("peftkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+    for package in ("peftkit", "torch", "transformers", "peft", "accelerate", "bitsandbytes",
+                    "trl", "datasets"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -250,6 +277,7 @@ def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: 
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-runs-") as runs:
+        _check_objective(recipe, vs)
         recipe = bench_recipe(recipe, steps, runs)
         base_path(recipe.model)  # build a tiny base once, before the sides race to
         recipe, work = select_samples(recipe, runs)
@@ -278,7 +306,8 @@ def bench(recipe: Recipe, source: str = "", vs: list[str] | None = None, steps: 
                                                          "step_loss")}
                 for name, i in shown.items()},
         "runs": {name: [{k: s[name][k] for k in ("tokens_per_s", "peak_memory_bytes",
-                                                  "loadavg_before")} for s in summaries]
+                                                  "loadavg_before", "reference_seconds")}
+                        for s in summaries]
                  for name in shown},
     }
     mixed = precision.mixed_precision != "no"
@@ -301,6 +330,28 @@ def _check_arguments(vs: list[str], steps: int, repeat: int) -> None:
     if "trl" in vs and importlib.util.find_spec("trl") is None:
         raise UserError("--vs trl: TRL is not installed; pip install 'peftkit[bench]' "
                         "(trl==1.16.0)")
+
+
+def _check_objective(recipe: Recipe, vs: list[str]) -> None:
+    """A preference recipe compares with TRL's DPOTrainer only, on what both compute."""
+    from peftkit.recipe.objective import PREFERENCE_OBJECTIVES
+
+    t, objective = recipe.train, recipe.train.objective
+    if objective not in PREFERENCE_OBJECTIVES or not vs:
+        return
+    trainer = [v for v in vs if v != "trl"]
+    if trainer:
+        raise UserError(f"--vs {','.join(trainer)}: the Trainer baselines train SFT only; "
+                        f"compare train.objective={objective} with --vs trl")
+    if objective == "orpo":
+        raise UserError("--vs trl: train.objective=orpo is not compared yet (TRL 1.16 ships "
+                        "ORPOTrainer under trl.experimental); use train.objective=dpo")
+    if t.label_smoothing:
+        raise UserError(f"--vs trl: train.label_smoothing={t.label_smoothing:g} is conservative "
+                        "DPO, which TRL 1.16's sigmoid loss does not do; set it to 0")
+    if recipe.model.adapter_init:
+        raise UserError("--vs trl: model.adapter_init (the starting adapter as reference) is "
+                        "not compared; leave it empty (reference: the base)")
 
 
 def _median_runs(summaries: list[dict[str, dict]]) -> dict[str, int]:

@@ -94,12 +94,13 @@ def load_peft(recipe: Recipe, base: str, precision, **load_kwargs):
 
 
 def checkpointing_args(arguments_class, enabled: bool) -> dict:
-    """TrainingArguments for gradient checkpointing (renamed "activation" in transformers 5.2x)."""
-    if not enabled:
-        return {}
+    """TrainingArguments for gradient checkpointing (renamed "activation" in transformers 5.2x),
+    on or off as the recipe says: always explicit, since TRL's configs default it to on."""
     fields = arguments_class.__dataclass_fields__
     name = "activation_checkpointing" if "activation_checkpointing" in fields else \
         "gradient_checkpointing"
+    if not enabled:
+        return {name: False}
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 

@@ -12,6 +12,7 @@ ROWS = (  # (label, key, format)
     ("samples/s", "samples_per_s", "{:.2f}"),
     ("step time (s, mean)", "step_seconds_mean", "{:.2f}"),
     ("first step (s, untimed)", "first_step_seconds", "{:.1f}"),
+    ("reference pass (s, DPO)", "reference_seconds", "{:.2f}"),
     ("peak memory (GB)", "peak_memory_bytes", "gb"),
     ("page faults (CPU, minor)", "page_faults", "{:,}"),
     ("padding share", "padding_share", "{:.0%}"),
@@ -74,6 +75,13 @@ def footer(result: dict) -> list[str]:
     if result.get("repeat", 1) > 1:
         lines.append(f"{result['repeat']} runs of every side, alternating: each side's median "
                      "run is shown; ratios are median (min-max) of the per-run ratios")
+    refs = {n: s["reference_seconds"] for n, s in result["sides"].items()
+            if s.get("reference_seconds")}
+    if refs:
+        lines.append("DPO reference pass (adapter off, every pair once, before step 1 on every "
+                     "side; not in the steps' tokens/s): " + ", ".join(
+                         f"{n} {v:.2f} s ({result['sides'][n]['reference_share']:.0%} of its "
+                         "training time)" for n, v in refs.items()))
     eq = result["equal_work"]
     if eq["problems"]:
         lines += [f"NOT the same work: {p}" for p in eq["problems"]]

@@ -20,6 +20,11 @@ def fingerprint(input_ids: list[int]) -> str:
     return hashlib.blake2b(array("q", input_ids).tobytes(), digest_size=8).hexdigest()
 
 
+def sequences(sample) -> list:
+    """The sequences a sample runs as: itself, or a preference pair's chosen and rejected."""
+    return [sample.chosen, sample.rejected] if hasattr(sample, "chosen") else [sample]
+
+
 def identical_batch(model, loss) -> dict:
     """What a side computes on the identical batch, for `bench.equal_work` to compare across
     sides: `loss()` is the side's own loss code on it (a scalar tensor).
@@ -140,6 +145,12 @@ def _identical_batch(name: str, side: dict, ref: dict, tol: float, grad_tol: flo
             problems.append(f"{name}: loss on the identical first batch ({what}) "
                             f"{side[key]:.6f} vs peftkit {ref[key]:.6f}, beyond {tol:g} "
                             "relative")
+    if "reference_logps" in ref or "reference_logps" in side:  # DPO: the reference policy
+        mine, theirs = ref.get("reference_logps") or [], side.get("reference_logps") or []
+        if len(mine) != len(theirs) or any(_rel(a, b) > tol for a, b in zip(theirs, mine)):
+            problems.append(f"{name}: reference log-probabilities on the identical first batch "
+                            f"differ from peftkit's beyond {tol:g} relative ({theirs[:2]} vs "
+                            f"{mine[:2]}, ...)")
     mine, theirs = ref["adapter_grad_norms"], side["adapter_grad_norms"]
     if mine.keys() != theirs.keys():
         problems.append(f"{name}: trains other adapter tensors than peftkit "

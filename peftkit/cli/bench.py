@@ -9,12 +9,13 @@ from peftkit.bench import report as bench_report
 from peftkit.cli.common import add_command, add_recipe_args, make_console, resolve_recipe
 
 HELP = ("measure tokens/s, peak memory and MFU, side by side with plain transformers "
-        "Trainer + peft and TRL's SFTTrainer")
+        "Trainer + peft and TRL's SFTTrainer (DPOTrainer for DPO recipes)")
 EXAMPLES = """\
 examples:
   peftkit bench tiny-demo --steps 4
   peftkit bench tiny-demo --vs hf            # side by side with Trainer + peft
   peftkit bench tiny-demo --vs trl           # TRL SFTTrainer, packed (pip install 'peftkit[bench]')
+  peftkit bench demo-dpo --vs trl            # DPO: TRL DPOTrainer, reference precomputed
   peftkit bench benchmarks/recipes/small.py --vs hf,hf-grouped,trl --repeat 3 --out r.json"""
 
 
@@ -24,7 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vs", default="", metavar="hf|hf-grouped|trl",
                    help="baseline(s) to run on the same work, comma-separated: hf (Trainer "
                         "defaults, padding), hf-grouped (Trainer with length grouping) or trl "
-                        "(TRL SFTTrainer, packed bfd / padding-free; needs peftkit[bench])")
+                        "(TRL SFTTrainer, packed bfd / padding-free; DPOTrainer for a DPO recipe; "
+                        "needs peftkit[bench])")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps (samples = steps x "
                    "batch_size x grad_accum, the first rows of data.train); default 8")
     p.add_argument("--out", default=None, metavar="FILE.json",

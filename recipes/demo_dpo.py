@@ -4,8 +4,9 @@ from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 
 # The pairs are built offline by scripts/make_preference_data.py from the demo task: `chosen`
 # is the right answer, `rejected` the same answer with one adjacent swap (docs/preference.md).
-# SFT first, then DPO on the same adapter, the SFT policy as reference:
-#   peftkit train demo; peftkit train demo-dpo model.adapter_init=runs/demo
+# SFT first (tiny-demo: the same tiny Llama and adapter), then DPO on that adapter, the SFT
+# policy as reference:
+#   peftkit train tiny-demo; peftkit train demo-dpo model.adapter_init=runs/tiny-demo
 # Without model.adapter_init, DPO starts a new adapter on the base (reference: the base).
 RECIPE = Recipe(
     model=Model("peftkit/tiny-llama-demo", arch="llama", tiny=True, tiny_size="s"),

@@ -8,6 +8,7 @@ few; every strategy is compared with the same DDP run.
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +117,45 @@ def test_two_process_resume_continues_the_trajectory(ddp_run, tmp_path):
     a, b = adapter(copy), adapter(path)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
 
+
+
+DPO_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "demo_dpo.py")
+DPO = ["model.tiny_size=xs", "data.max_samples=64", "data.eval=", "data.eval_size=12",
+       "train.log_every=1", "train.warmup_steps=0", "train.max_steps=4", "train.save_every=0",
+       "train.eval_every=2", "train.scheduler=linear", "train.lr=5e-3",
+       "adapter.modules_to_save="]
+PREFERENCE_FIGURES = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin",
+                      "preference_accuracy", "eval_loss")
+
+
+def test_dpo_on_two_processes_equals_one_with_the_same_global_batch(tmp_path):
+    """DPO under DDP: the reference log-probs, the pair counts each step divides by and the
+    reward sums reduced over processes give the run of one process with the same global
+    batch (8 pairs a step): the same loss, rewards, held-out figures and adapter.
+
+    LoRA only: the recipe's fully trained LM head is no test of this. Chosen and rejected
+    share most tokens, so many of the head's DPO gradients cancel to ~1e-10, rounding decides
+    their sign, and AdamW turns that into updates of a few % of lr: one process with
+    grad_accum 2 x 4 pairs differs from batch 8 by the same 5e-4 as two processes do."""
+    proc = launch(tmp_path / "ddp", name=DPO_RECIPE, settings=DPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 x cpu" in proc.stderr
+    single = train(apply_overrides(registry.resolve(DPO_RECIPE).recipe, [
+        *DPO, "train.batch_size=8", "train.grad_accum=1", f"train.output_dir={tmp_path / 'one'}"]))
+    two, one = metrics(tmp_path / "ddp" / "demo-dpo"), metrics(single.path)
+    assert [r["step"] for r in two] == [r["step"] for r in one]  # one writer, same records
+    steps = [r for r in two if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # reference = start
+    assert steps[-1]["reward_margin"] > 0  # the figures move: the comparison can fail
+    for a, b in zip(two, one):
+        for key in PREFERENCE_FIGURES:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    a, b = adapter(tmp_path / "ddp" / "demo-dpo"), adapter(single.path)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):

@@ -141,6 +141,44 @@ def test_every_command_shown_parses_and_names_a_real_recipe(parser):
             assert not parse_overrides(overrides)[1], f"{where}: {parse_overrides(overrides)[1]}"
 
 
+
+def recipe_comment_commands() -> list[tuple[str, list[str]]]:
+    """`peftkit ...` commands in the shipped recipes' comments (`#   peftkit a; peftkit b`)."""
+    out = []
+    for path in sorted((ROOT / "recipes").glob("*.py")):
+        for line in path.read_text().splitlines():
+            if line.lstrip().startswith("#"):
+                for part in line.lstrip("# ").split(";"):
+                    if part.strip().startswith("peftkit ") and \
+                            (argv := peftkit_argv(part)) is not None:
+                        out.append((f"{path.relative_to(ROOT).as_posix()}: {part.strip()}",
+                                    argv))
+    return out
+
+
+def test_every_adapter_init_shown_starts_from_a_run_that_fits(parser):
+    """`peftkit train B model.adapter_init=runs/A` (SFT, then DPO): the run of shipped recipe
+    A has the base model and the adapter that B builds, so its adapter loads into B."""
+    shipped, checked = registry.shipped(), 0
+    for where, argv in commands() + recipe_comment_commands():
+        args = parse(parser, where, argv)
+        overrides = getattr(args, "overrides", [])
+        starts = [o.partition("=")[2] for o in overrides if o.startswith("model.adapter_init=")]
+        if not starts or args.recipe not in shipped:
+            continue
+        start = re.fullmatch(r"(?:\./)?runs/([\w-]+)/?", starts[0])
+        assert start and start.group(1) in shipped, f"{where}: not the run of a shipped recipe"
+        first = shipped[start.group(1)].recipe
+        then = apply_overrides(shipped[args.recipe].recipe, overrides)
+        for section, keys in (("model", ("name", "gguf_file", "arch", "tiny", "tiny_size")),
+                              ("adapter", tuple(f.name for f in dataclasses.fields(then.adapter)
+                                                if f.name != "dropout"))):
+            a, b = getattr(first, section), getattr(then, section)
+            assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys], \
+                f"{where}: runs/{start.group(1)} has another {section} than {args.recipe}"
+        checked += 1
+    assert checked >= 2  # docs/preference.md and recipes/demo_dpo.py
+
 def parse(parser, where: str, argv: list[str]):
     try:
         return parser.parse_args(argv)

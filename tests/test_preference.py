@@ -339,6 +339,73 @@ def test_dpo_resume_continues_the_same_trajectory(tmp_path):
         assert torch.equal(p, q), n
 
 
+
+# --- on a QLoRA (nf4) base: bitsandbytes runs nf4 on CPU, computing in float32 ----------------
+
+NF4 = Model("peftkit/tiny-llama-demo", arch="llama", tiny=True, tiny_size="xs", quantize="nf4")
+
+
+def test_dpo_reference_on_an_nf4_base_is_that_base_without_the_adapter(tiny):
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = load_model(base_path(NF4), NF4, torch.float32, torch.float32, "cpu")
+    peft_model = attach_adapter(base, Lora(r=8, dropout=0.0, targets="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
+    pairs = [preference_data.PreferencePair(p.chosen, p.rejected) for p in tiny.pairs[:5]]
+    preference.fill_reference(_cpu_accelerator(), peft_model, pairs, 2,
+                              tiny.tokenizer.pad_token_id, adapter_is_reference=False)
+    got = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs])
+    batch = batch_of(tiny, pairs)
+    with torch.no_grad():
+        with peft_model.disable_adapter():
+            quantized = trl_logps(peft_model, batch)
+        adapted = trl_logps(peft_model, batch)
+        with tiny.model.disable_adapter():  # the same base weights, unquantized
+            unquantized = trl_logps(tiny.model, batch)
+    assert torch.allclose(got, quantized, atol=TOL)
+    assert not torch.allclose(got, adapted, atol=1e-2)  # the adapter was off
+    assert not torch.allclose(got, unquantized, atol=1e-2)  # the 4-bit weights were used
+
+
+def test_dpo_trains_an_adapter_on_an_nf4_base_and_merges(tmp_path):
+    """QLoRA DPO: held-out loss falls from log 2 (the start is the reference) and preference
+    accuracy rises; the quantized base (packed weights, quantization constants) and every
+    other base tensor are bit-identical; `peftkit merge` takes its 4-bit path (merged into an
+    unquantized copy, checked against the adapter on the nf4 base) and verifies."""
+    pytest.importorskip("bitsandbytes")
+    result = run(tmp_path, "train.max_steps=8", "model.quantize=nf4", "data.eval=",
+                 "data.eval_size=32")
+    before, after = result.evals["before"], result.evals["after"]
+    assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert after["eval_loss"] < before["eval_loss"]
+    assert after["preference_accuracy"] > before["preference_accuracy"]
+    assert after["reward_margin"] > 0
+    first = [r for r in metrics(result.path) if "loss" in r][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+    trained = result.model.get_base_model()
+    assert any(type(m).__name__ == "Linear4bit" for m in trained.modules())
+    fresh = load_model(base_path(NF4), NF4, torch.float32, torch.float32, "cpu").state_dict()
+    frozen = {re.sub(r"\.base_layer|\.original_module", "", k): v
+              for k, v in trained.state_dict().items()
+              if "lora_" not in k and "modules_to_save" not in k}
+    assert frozen.keys() == fresh.keys()
+    assert any(v.dtype == torch.uint8 for v in fresh.values())  # packed 4-bit weights
+    for key, value in fresh.items():
+        assert torch.equal(frozen[key], value), key
+    moved = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert moved and all("lora_" in n or "modules_to_save" in n for n in moved)
+
+    report = merge_run(result.path, tmp_path / "merged")
+    assert report["dequantized_from"] == "nf4" and report["target"]
+    assert {c["name"] for c in report["checks"]} == {"merge exact", "dequantized base",
+                                                     "as trained"}
+    assert all(c["ok"] for c in report["checks"]), report["checks"]
+
 # --- bad input: one line, exit 2, nothing written ---------------------------------------------
 
 PREF_ROW = {"prompt": "Sort: 2 1", "chosen": "1 2", "rejected": "2 1"}

@@ -9,14 +9,14 @@ from peftkit.inference.generate import Sampling, chat, generate
 GENERATE_HELP = "answer prompts with a run's adapter (streamed)"
 GENERATE_EXAMPLES = """\
 examples:
-  peftkit generate runs/demo "Sort: 3 1 2" "Reverse: a b c"
-  peftkit generate runs/demo "Sort: 9 4 7" --temperature 0.7 --top-p 0.9 --seed 1
+  peftkit generate runs/demo "What is the capital of Peru?" "What is the capital of Chile?"
+  peftkit generate runs/tiny-demo "Sort: 9 4 7" --temperature 0.7 --top-p 0.9 --seed 1
   peftkit generate runs/my-run "Once upon a time" --raw --max-new-tokens 64"""
 CHAT_HELP = "talk to a run's adapter: each stdin line is a user turn"
 CHAT_EXAMPLES = """\
 examples:
   peftkit chat runs/demo                   # /reset starts over, /exit quits
-  printf 'Sort: 3 1 2\\n/exit\\n' | peftkit chat runs/demo"""
+  printf 'Sort: 3 1 2\\n/exit\\n' | peftkit chat runs/tiny-demo"""
 
 
 def add_parser(subparsers) -> None:

@@ -284,6 +284,27 @@ def test_a_process_that_receives_its_shards_builds_the_base_without_its_weights(
     assert empty.config.use_cache is False
 
 
+def test_the_trained_module_ties_embeddings_again_after_a_trip_to_meta(tmp_path):
+    """accelerate's FSDP2 `prepare` with main-process loading moves the module it is given to
+    the meta device (which unties tied embeddings on the main process only, whose weights are
+    real) and calls its `tie_weights`: without it the processes shard different parameter
+    sets and the first all-gather fails."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftkit.model.loading import attach_adapter, base_path
+    from peftkit.recipe.schema import Lora, Model
+    from peftkit.training.loss import TokenLoss
+
+    config = AutoConfig.from_pretrained(base_path(Model("peftkit/tiny-llama-demo", arch="llama",
+                                                        tiny=True)), tie_word_embeddings=True)
+    module = TokenLoss(attach_adapter(AutoModelForCausalLM.from_config(config), Lora()))
+    base = module.model.get_base_model()
+    module.to("meta")
+    assert base.lm_head.weight is not base.model.embed_tokens.weight
+    module.tie_weights()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+
+
 @pytest.mark.parametrize("settings, alone", [
     ((), True), (("launch.efficient_loading=false",), False),
     (("model.quantize=nf4", "model.quant_storage=float32"), False),

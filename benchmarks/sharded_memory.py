@@ -5,6 +5,7 @@ false) and in the main process only (the default), side by side in one invocatio
     python benchmarks/sharded_memory.py                       # SmolLM2-135M, 2 and 4 processes
     python benchmarks/sharded_memory.py --nproc 2 --steps 2   # quicker
     python benchmarks/sharded_memory.py --recipe tiny-demo --overrides model.tiny_size=m
+    python benchmarks/sharded_memory.py --nproc 2 --malloc-mmap-threshold 65536
 
 Each configuration is a real `accelerate launch` of N workers (the command `peftkit train
 --nproc N` runs, with this file as the worker instead of `-m peftkit train`). Each worker
@@ -14,6 +15,11 @@ model's modelling code), takes its RSS as the baseline, resets the kernel's peak
 (VmHWM) above the baseline, plus the peak of its anonymous (unshared) memory sampled every
 20 ms: RSS also counts pages of the mmapped weights file, which processes on one machine
 share. Results: benchmarks/results/sharded-memory-<recipe>.json. Linux only (reads /proc).
+
+glibc's malloc keeps freed memory in its arenas and RSS counts it: FSDP2 and ZeRO-3 allocate
+and free a layer's gathered weights at every layer, and under the default (dynamic) mmap
+threshold that cached memory, not the weights, sets their peak. --malloc-mmap-threshold 65536
+measures with large blocks returned at once.
 """
 
 from __future__ import annotations
@@ -118,6 +124,8 @@ def launch(name: str, nproc: int, args, runs: Path) -> dict:
     cmd = [*cmd[:-3], str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     print(f"{name}, {nproc} processes ...", file=sys.stderr, flush=True)
     started = time.time()
+    if args.malloc_mmap_threshold:  # glibc: blocks this big or bigger go back to the system
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name}, {nproc} processes failed:\n{proc.stderr[-3000:]}")
@@ -154,6 +162,10 @@ def main() -> None:
                         choices=list(STRATEGIES))
     parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/"
                         "sharded-memory-RECIPE.json)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=0, metavar="BYTES",
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ in the workers (e.g. 65536): "
+                        "freed blocks of that size or more go back to the system at once "
+                        "instead of staying cached in malloc's arenas, which RSS counts")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -164,6 +176,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sharded-memory-") as runs:
         rows = [launch(name, n, args, Path(runs)) for n in args.nproc for name in args.strategies]
     result = {"recipe": args.recipe, "steps": args.steps,
+              "malloc_mmap_threshold": args.malloc_mmap_threshold or "glibc default (dynamic)",
               "measure": "per process: peak RSS (VmHWM, reset after imports) above the RSS "
                          "after imports; unshared: peak RssAnon sampled every 20 ms",
               "load_average_at_end": os.getloadavg()[0], "environment": environment(),

@@ -14,7 +14,7 @@ model's modelling code), takes its RSS as the baseline, resets the kernel's peak
 (/proc/self/clear_refs), runs peftkit's `train()` for a few steps, and reports its peak RSS
 (VmHWM) above the baseline, plus the peak of its anonymous (unshared) memory sampled every
 20 ms: RSS also counts pages of the mmapped weights file, which processes on one machine
-share. Results: benchmarks/results/sharded-memory-<recipe>.json. Linux only (reads /proc).
+share. Results: benchmarks/results/sharded-memory/<recipe>.json. Linux only (reads /proc).
 
 glibc's malloc keeps freed memory in its arenas and RSS counts it: FSDP2 and ZeRO-3 allocate
 and free a layer's gathered weights at every layer, and under the default (dynamic) mmap
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                         choices=list(STRATEGIES))
     parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/"
-                        "sharded-memory-RECIPE.json)")
+                        "sharded-memory/RECIPE.json)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=0, metavar="BYTES",
                         help="set glibc's MALLOC_MMAP_THRESHOLD_ in the workers (e.g. 65536): "
                         "freed blocks of that size or more go back to the system at once "
@@ -181,7 +181,7 @@ def main() -> None:
                          "after imports; unshared: peak RssAnon sampled every 20 ms",
               "load_average_at_end": os.getloadavg()[0], "environment": environment(),
               "rows": rows, "table": table(rows)}
-    out = Path(args.out or HERE / "results" / f"sharded-memory-{args.recipe}.json")
+    out = Path(args.out or HERE / "results" / "sharded-memory" / f"{args.recipe}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(result["table"])
     print(f"written: {out}", file=sys.stderr)

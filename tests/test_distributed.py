@@ -26,7 +26,7 @@ from peftkit.data.batching import Position
 from peftkit.errors import UserError
 from peftkit.recipe import registry
 from peftkit.recipe.overrides import apply_overrides
-from peftkit.training import checkpoint, launcher
+from peftkit.training import checkpoint, distributed, launcher
 from peftkit.training import resume as resuming
 from peftkit.training.loop import train
 
@@ -301,6 +301,60 @@ def test_deepspeed_zero3_shards_weights_trains_like_ddp_and_resumes(ddp_run, tmp
     assert step_losses(copy) == pytest.approx(step_losses(path), rel=1e-6)
     a, b = adapter(copy), adapter(path)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_a_process_that_receives_its_shards_builds_the_base_without_its_weights(tmp_path):
+    """What each FSDP2 process but the main one builds (launch.efficient_loading): the base
+    from its config alone, with no weights file to read, parameters on the meta device (no
+    memory), the non-persistent buffers (rotary frequencies, never broadcast) computed
+    exactly as a loaded model has them, and tied embeddings still tied."""
+    from peftkit.model.loading import base_path, load_model
+    from peftkit.recipe.schema import Model
+
+    spec = Model("peftkit/tiny-llama-demo", arch="llama", tiny=True)
+    full = load_model(base_path(spec), spec, torch.float32)
+    config = json.loads((Path(base_path(spec)) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    empty = load_model(str(tmp_path), spec, torch.float32, empty=True)  # no weights there
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert empty.state_dict().keys() == full.state_dict().keys()
+    buffers = dict(full.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in empty.named_buffers())
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    assert empty.config.use_cache is False
+
+
+def test_the_trained_module_ties_embeddings_again_after_a_trip_to_meta(tmp_path):
+    """accelerate's FSDP2 `prepare` with main-process loading moves the module it is given to
+    the meta device (which unties tied embeddings on the main process only, whose weights are
+    real) and calls its `tie_weights`: without it the processes shard different parameter
+    sets and the first all-gather fails."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftkit.model.loading import attach_adapter, base_path
+    from peftkit.recipe.schema import Lora, Model
+    from peftkit.training.loss import TokenLoss
+
+    config = AutoConfig.from_pretrained(base_path(Model("peftkit/tiny-llama-demo", arch="llama",
+                                                        tiny=True)), tie_word_embeddings=True)
+    module = TokenLoss(attach_adapter(AutoModelForCausalLM.from_config(config), Lora()))
+    base = module.model.get_base_model()
+    module.to("meta")
+    assert base.lm_head.weight is not base.model.embed_tokens.weight
+    module.tie_weights()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("settings, alone", [
+    ((), True), (("launch.efficient_loading=false",), False),
+    (("model.quantize=nf4", "model.quant_storage=float32"), False),
+    (("adapter.init=pissa",), False), (("adapter.use_dora=true",), False),
+    (("train.objective=dpo", "data.format=auto", "train.eval_generate=0"), False)])
+def test_only_the_main_process_loads_the_base_unless_every_process_needs_it(settings, alone):
+    recipe = apply_overrides(registry.resolve("tiny-demo").recipe,
+                             ["launch.strategy=fsdp", *settings])
+    plugin = distributed.accelerator_args(recipe, "cpu")["fsdp_plugin"]
+    assert plugin.cpu_ram_efficient_loading is alone
 
 
 def test_the_launch_command_counts_processes_over_all_machines():

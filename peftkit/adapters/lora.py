@@ -123,6 +123,10 @@ class LoraMethod(AdapterMethod):
         return (f"A LoRA adapter (r={adapter.r}, alpha={adapter.alpha:g}, "
                 f"targets `{adapter.targets}`)")
 
+    def reads_base_at_start(self, adapter) -> bool:
+        """PiSSA, OLoRA and LoftQ decompose the base weights; DoRA starts from their norms."""
+        return rewrites_base(adapter.init) or adapter.init == "loftq" or adapter.use_dora
+
     def initialise(self, peft_model, adapter) -> dict | None:
         """LoftQ fits the LoRA weights now; PiSSA and OLoRA return their starting weights."""
         if adapter.init == "loftq":

@@ -47,6 +47,11 @@ class AdapterMethod:
         """The model card's first words about the adapter: 'A ... adapter'."""
         return f"A {self.describe(adapter)} adapter"
 
+    def reads_base_at_start(self, adapter) -> bool:
+        """Whether the adapter's start point is computed from the base weights (then every
+        process needs them before sharding; see distributed.main_loads_alone)."""
+        return False
+
     def initialise(self, peft_model, adapter) -> dict | None:
         """Steps after peft created the adapter layers. Returns the adapter's starting weights
         when saving needs them (see `save_adapter`), else None."""

@@ -101,9 +101,10 @@ def load_tokenizer(path: str, model: Model):
 
 def load_model(path: str, model: Model, dtype: torch.dtype,
                compute_dtype: torch.dtype | None = None, device=None,
-               say: Callable[[str], None] | None = None):
+               say: Callable[[str], None] | None = None, empty: bool = False):
     """The base model; with `model.quantize`, loaded quantized by bitsandbytes straight onto
-    `device` (quantized weights cannot be moved there afterwards).
+    `device` (quantized weights cannot be moved there afterwards); with `empty`, only built,
+    its parameters on the meta device (`_build_empty`).
 
     transformers' "Loading weights" bar stays off: a tiny base loads in milliseconds, and a
     real one gets one line of peftkit's own through `say` (when given) instead."""
@@ -111,6 +112,8 @@ def load_model(path: str, model: Model, dtype: torch.dtype,
 
     name_cpu_for_deepspeed()
     attn = None if model.attn_implementation == "auto" else model.attn_implementation
+    if empty:
+        return _ready(_build_empty(path, model, dtype, attn), model)
     quantized = {}
     if model.quantize:
         quantized = {"quantization_config": quantize.bnb_config(model, compute_dtype)}
@@ -126,15 +129,51 @@ def load_model(path: str, model: Model, dtype: torch.dtype,
     except OSError as exc:
         raise _offline_error("model", path, exc) from exc
     except ValueError as exc:
-        if "attention implementation" not in str(exc):
-            raise
-        raise UserError(f"model.attn_implementation={attn}: not supported by this "
-                        "architecture; use auto or eager") from exc
+        raise _attention_error(exc, attn) from exc
     if model.quantize:
         # Every 4-bit forward, trained or not, runs the kernels training ran: without this,
         # bitsandbytes switches a CPU layer to its bf16 inference kernel the first time it runs
         # without gradients, and a reloaded model no longer computes what training recorded.
         quantize.keep_cpu_layout_trainable(base)
+    return _ready(base, model)
+
+
+def _build_empty(path: str, model: Model, dtype: torch.dtype, attn: str | None):
+    """The base's modules with no weights read and no memory for its parameters (meta
+    device), for a process that receives its shards from the main one (FSDP2's
+    cpu_ram_efficient_loading). Buffers are built for real: the non-persistent ones (rotary
+    frequencies) are computed, not loaded, and accelerate does not broadcast them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+    except OSError as exc:
+        raise _offline_error("model", path, exc) from exc
+    try:
+        with init_empty_weights(include_buffers=False):
+            base = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=attn,
+                trust_remote_code=model.trust_remote_code)
+    except ValueError as exc:
+        raise _attention_error(exc, attn) from exc
+    # Inside the block every parameter assigned is replaced by a new meta one, tied ones too
+    # (the embeddings and the LM head of a tied model): tie them again.
+    base.tie_weights()
+    return base
+
+
+def _attention_error(exc: ValueError, attn: str | None) -> Exception:
+    """transformers' refusal of an attention kernel as a UserError; any other ValueError
+    as it is."""
+    if "attention implementation" not in str(exc):
+        return exc
+    return UserError(f"model.attn_implementation={attn}: not supported by this architecture; "
+                     "use auto or eager")
+
+
+def _ready(base, model: Model):
     # Training never uses a KV cache; with one, packed samples would attend to each other.
     base.config.use_cache = False
     # peft names the base in adapter_config.json after this: the Hub id, even when the

@@ -27,6 +27,20 @@ def local(param: torch.Tensor) -> torch.Tensor:
     return getattr(param, "ds_tensor", param)
 
 
+def give_trainable_storage(model: torch.nn.Module) -> None:
+    """Give the trainable parameters of a model built on the meta device real (zero) storage,
+    leaving the frozen base empty. accelerate's FSDP2 `prepare` maps each optimizer parameter
+    to its shard by storage address, and every meta tensor has the same one (0); the values
+    are replaced by the main process's when `prepare` broadcasts them. Trainable parameters
+    are the adapter's: small."""
+    import torch  # slow import: lazy
+
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad and param.is_meta:
+                setattr(module, name, torch.nn.Parameter(torch.zeros_like(param, device="cpu")))
+
+
 @contextmanager
 def plain_construction():
     """Build models whole inside this block even under ZeRO-3, where transformers would

@@ -184,6 +184,10 @@ class Launch:
                        ("ddp", "fsdp", "deepspeed"))
     zero_stage: int = _f(2, "launch.strategy=deepspeed: ZeRO stage (1 = optimizer state "
                             "sharded, 2 = + gradients, 3 = + weights)", (1, 2, 3))
+    efficient_loading: bool = _f(True, "launch.strategy=fsdp: only the main process reads the "
+                                       "base weights, the others build it empty and receive "
+                                       "their shards from it (false: every process loads the "
+                                       "whole base before it is sharded)")
     mixed_precision: str = _f("auto", "autocast precision; auto = bf16 on a bf16-capable GPU, "
                                       "no on CPU", ("auto", "no", "bf16", "fp16"))
     hardware: str = _f("any", "what the recipe is sized for, shown in `peftkit ls`")
@@ -216,6 +220,7 @@ RESUME_SAFE = frozenset({
     "train.offload_activations",  # same values back in backward, only where they wait
     "data.packing", "train.compile",  # same samples and loss per step, only faster
     "launch.num_processes", "launch.hardware", "train.report_to",
+    "launch.efficient_loading",  # the same weights, only read by fewer processes
     "hub.repo_id", "hub.private", "hub.revision", "hub.license", "hub.push_at_end",
 })
 

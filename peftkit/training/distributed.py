@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+from peftkit.adapters.registry import adapter_method
 from peftkit.model.memory import human
 from peftkit.model.sharded import local, numel
 from peftkit.recipe.schema import Recipe
@@ -76,10 +77,29 @@ def accelerator_args(recipe: Recipe, device_type: str) -> dict:
         return {"fsdp_plugin": FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             state_dict_type="FULL_STATE_DICT", reshard_after_forward=True,
-            cpu_ram_efficient_loading=False)}
+            cpu_ram_efficient_loading=_main_can_load_alone(recipe))}
     if chosen == "deepspeed":
         return _deepspeed_args(recipe, device_type)
     return {}
+
+
+def _main_can_load_alone(recipe: Recipe) -> bool:
+    """Whether, under FSDP2, the recipe lets only the main process read the base weights.
+    Not where every process needs the real weights before sharding: a bitsandbytes base
+    (quantized as it loads), an adapter start computed from the base (PiSSA, LoftQ, DoRA),
+    or DPO's reference log-probs (computed before `prepare`)."""
+    return (recipe.launch.efficient_loading and not recipe.model.quantize
+            and recipe.train.objective != "dpo"
+            and not adapter_method(recipe.adapter).reads_base_at_start(recipe.adapter))
+
+
+def main_loads_alone(accelerator) -> bool:
+    """Whether only the main process reads the base weights: under FSDP2 with accelerate's
+    `cpu_ram_efficient_loading`, the other processes build the base with empty (meta)
+    parameters, and `prepare` broadcasts the main process's weights, adapter included,
+    one tensor at a time, each process keeping only its shard. A process's peak then falls
+    with the number of processes instead of every one holding the whole base first."""
+    return uses_fsdp(accelerator) and bool(accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
 
 
 def _deepspeed_args(recipe: Recipe, device_type: str) -> dict:

@@ -35,6 +35,12 @@ class TokenLoss(nn.Module):
         # FSDP's transformer-based auto-wrap looks for the decoder layer classes here.
         self._no_split_modules = getattr(model.get_base_model(), "_no_split_modules", None)
 
+    def tie_weights(self):
+        """Tie the base's embeddings again (a tied model's): accelerate calls this where FSDP2
+        moves the model to the meta device and back (main-process loading), which unties them.
+        """
+        self.model.get_base_model().tie_weights()
+
     def forward(self, input_ids, attention_mask, labels, **packed):
         """`packed`: position_ids and cu_seq_lens_* of a packed row (peftkit/packing.py)."""
         # Only a forward that builds a graph saves anything (evaluation runs under no_grad).

@@ -103,6 +103,12 @@ class PreferenceLoss(nn.Module):
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
         self.running = torch.zeros(4, dtype=torch.float64)  # chosen, rejected, correct, pairs
 
+    def tie_weights(self):
+        """Tie the base's embeddings again (a tied model's): accelerate calls this where FSDP2
+        moves the model to the meta device and back (main-process loading), which unties them.
+        """
+        self.model.get_base_model().tie_weights()
+
     def forward(self, input_ids, attention_mask, labels, ref_chosen=None, ref_rejected=None):
         logps, counts = sequence_logps(self.model, input_ids, attention_mask, labels)
         pairs = input_ids.shape[0] // 2

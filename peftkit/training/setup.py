@@ -23,6 +23,7 @@ from peftkit.data.batching import BatchStream, Position
 from peftkit.data.example import Example, Prompt
 from peftkit.errors import UserError
 from peftkit.model import compiled, fused_lora, memory, quantize
+from peftkit.model.sharded import give_trainable_storage
 from peftkit.model.loading import (Precision, attach_adapter, base_path, count_parameters,
                                    load_model, load_tokenizer, prepare_for_training,
                                    resolve_precision)
@@ -219,8 +220,11 @@ def setup_model(recipe: Recipe, run: RunSetup, base: str) -> TrainModel:
     """The base model, prepared for training, with the adapter attached."""
     t, acc = recipe.train, run.accelerator
     peak = memory.PeakMemory(acc.device)  # from here on: the model and its training
+    # Under FSDP2 only the main process reads the weights; the others get their shards from
+    # it when `prepare` shards the model (distributed.main_loads_alone).
+    empty = distributed.main_loads_alone(acc) and not acc.is_main_process
     model = load_model(base, recipe.model, run.precision.dtype, run.precision.compute_dtype,
-                       acc.device, say=print if acc.is_main_process else None)
+                       acc.device, say=print if acc.is_main_process else None, empty=empty)
     # Padding-free batches where the attention kernel can keep samples apart (packing.py).
     # (Prompt tuning prepends its virtual tokens to a whole row: its samples cannot share one.)
     method = adapter_method(recipe.adapter)
@@ -229,6 +233,8 @@ def setup_model(recipe: Recipe, run: RunSetup, base: str) -> TrainModel:
     run.notes += [note] if note else []
     model = prepare_for_training(model, recipe.model, t.gradient_checkpointing)
     peft_model = attach_adapter(model, recipe.adapter)
+    if empty:  # the adapter gets storage (small): accelerate maps it to its shards by address
+        give_trainable_storage(peft_model)
     if recipe.model.adapter_init:  # SFT, then DPO: continue an existing run's adapter
         adapter_init.load_start(peft_model, recipe.model.adapter_init)
     fused_lora.enable(peft_model)  # LoRA's scaled update added inside its matmul

@@ -18,7 +18,17 @@ the fact comes from pretraining. It measures format transfer of known facts, not
 Output is deterministic (compact JSON, ``\\n`` line endings). The system prompt ("Answer with
 the city name only.") is set by the recipe (data.system_prompt), not stored in the rows.
 
+`--pairs MODEL_DIR` writes the preference set of recipes/smollm2_135m_dpo.py instead, into
+peftkit/assets/data/capitals_pairs/ (same split: train = the countries not held out, test =
+HELD_OUT), one pair per country: prompt "What is the capital of X?", `chosen` the city name
+only, `rejected` the base's own greedy answer to that prompt under the same system prompt
+(on-policy: what the model does, e.g. "The capital of Japan is Tokyo."). The rule that ranks
+them is the instruction itself: the city name only is preferred to anything else. Countries
+where the base already answers with the city name only have no pair (counted). Needs the
+model (MODEL_DIR: the converted SmolLM2-135M-Instruct directory, or "auto" to resolve it).
+
 Usage: python scripts/make_capitals_data.py [--out-dir DIR] [--select MODEL_DIR]
+       python scripts/make_capitals_data.py --pairs auto [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "peftkit" / "assets" / "data" / "capitals"
+PAIRS_OUT = REPO_ROOT / "peftkit" / "assets" / "data" / "capitals_pairs"
+SYSTEM_PROMPT = "Answer with the city name only."  # as recipes/demo.py sets it
 
 CAPITALS = {
     "Afghanistan": "Kabul", "Albania": "Tirana", "Algeria": "Algiers",
@@ -122,6 +134,54 @@ def select(model_dir: str) -> list[str]:
     return known
 
 
+def base_answers(model_dir: str, countries: list[str]) -> dict[str, str]:
+    """The base's greedy answer to each country's question under SYSTEM_PROMPT, one prompt at a
+    time (no padding), rendered as peftkit renders a generation prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    answers = {}
+    for country in countries:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": TRAIN_PHRASINGS[0].format(country)}]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        answers[country] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return answers
+
+
+def follows_instruction(answer: str, capital: str) -> bool:
+    """The rule: the answer is the city name only (a final period allowed)."""
+    return answer.removesuffix(".").strip().lower() == capital.lower()
+
+
+def pairs(model_dir: str, out_dir: Path) -> None:
+    if model_dir == "auto":
+        from peftkit.model.sources import resolve
+        from peftkit.recipe import Model
+        model_dir = resolve(Model("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    answers = base_answers(model_dir, sorted(CAPITALS))
+    split = {"train": [c for c in sorted(CAPITALS) if c not in HELD_OUT], "test": list(HELD_OUT)}
+    for name, countries in split.items():
+        rows, skipped = [], []
+        for country in countries:
+            answer = answers[country]
+            if follows_instruction(answer, CAPITALS[country]):
+                skipped.append(country)
+                continue
+            rows.append({"prompt": TRAIN_PHRASINGS[0].format(country),
+                         "chosen": CAPITALS[country], "rejected": answer})
+        write_jsonl(out_dir / f"{name}.jsonl", rows)
+        print(f"{out_dir / name}.jsonl: {len(rows)} pairs; {len(skipped)} countries skipped, the "
+              f"base already answers with the city name only: {skipped}")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -134,7 +194,12 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--select", metavar="MODEL_DIR", help="probe the base and print HELD_OUT")
+    ap.add_argument("--pairs", metavar="MODEL_DIR",
+                    help='write the preference set (capitals_pairs) from the base\'s answers '
+                         '("auto": resolve SmolLM2-135M-Instruct offline)')
     args = ap.parse_args()
+    if args.pairs:
+        return pairs(args.pairs, args.out_dir if args.out_dir != DEFAULT_OUT else PAIRS_OUT)
     if args.select:
         known = select(args.select)
         print(f"{len(known)} of {len(CAPITALS)} known:\nHELD_OUT = {tuple(known)!r}")

@@ -306,6 +306,41 @@ def test_shipped_dpo_recipe_trains_in_tiny_form(tmp_path):
         assert torch.equal(tensor, fresh[key]), name
 
 
+def test_real_model_dpo_recipe_runs_in_tiny_form(tmp_path):
+    """smollm2-135m-dpo (the real model; docs/preference.md) in its tiny form: the pairs carry
+    the system prompt, and a DPO run from the base trains and scores the held-out pairs."""
+    entry = registry.resolve(str(ROOT / "recipes" / "smollm2_135m_dpo.py"))
+    cfg = apply_overrides(entry.recipe, ["model.tiny=true", "model.tiny_size=xs",
+                                         "train.max_steps=2", "train.warmup_steps=0",
+                                         "train.eval_every=0", f"train.output_dir={tmp_path}"])
+    tokenizer, _ = load_tokenizer(base_path(cfg.model), cfg.model)
+    pairs, _ = preference_data.encode_pairs(load_records(cfg.data.train)[0][:1], tokenizer,
+                                            cfg.data)
+    assert cfg.data.system_prompt in tokenizer.decode(pairs[0].chosen.input_ids)
+    result = train(cfg, str(entry.path))
+    assert result.steps == 2
+    assert result.evals["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert math.isfinite(result.evals["after"]["eval_loss"])
+    assert (result.path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_capitals_pairs_prefer_the_city_name_only():
+    """The real-model preference set: chosen = the capital alone, rejected = something else the
+    base said; held-out pairs are the SFT demo's held-out countries, none of them in train."""
+    def qa(split):  # the SFT demo's rows: question -> capital
+        lines = open(resolve_source(f"peftkit:data/capitals/{split}.jsonl"), encoding="utf-8")
+        return {m[0]["content"]: m[1]["content"] for m in
+                (json.loads(line)["messages"] for line in lines)}
+
+    train_qa, test_qa = qa("train"), qa("test")
+    for split, answers in (("train", train_qa), ("test", test_qa)):
+        rows = load_records(f"peftkit:data/capitals_pairs/{split}.jsonl")[0]
+        assert len(rows) >= 20
+        for row in rows:
+            assert row["chosen"] == answers[row["prompt"]]  # the held-out split stays held out
+            assert row["rejected"].removesuffix(".").lower() != row["chosen"].lower()
+
+
 def test_orpo_trains(tmp_path):
     result = run(tmp_path, "train.max_steps=4", "train.objective=orpo")
     assert all(math.isfinite(r["loss"]) for r in metrics(result.path) if "loss" in r)

@@ -44,6 +44,12 @@ def markdown() -> str:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     text = (table(results) + f"\n\n{env['device']}, {env['threads']} threads; {versions}; "
             f"commit {str(env['git_commit'])[:10]}{' (dirty)' if env['git_dirty'] else ''}.")
+    # Rows measured on another host (hosts vary between sessions): say which, per row.
+    others = [f"{r['label']}: {r['environment']['device']}, commit "
+              f"{str(r['environment']['git_commit'])[:10]}" for r in results[1:]
+              if r["environment"]["device"] != env["device"]]
+    if others:
+        text += " Measured on other hosts: " + "; ".join(others) + "."
     for path in sorted(RESULTS.glob("ablation-*.json")):
         text += "\n\n" + ablation_table(json.loads(path.read_text()))
     return text

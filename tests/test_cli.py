@@ -466,3 +466,27 @@ def test_train_again_overwrite_and_resume(trained, tmp_path, capsys):
     assert [r["loss"] for r in records[:3]] == pytest.approx(first_losses, rel=1e-5)
     assert all(math.isfinite(r["loss"]) for r in records)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-5"]
+
+
+def test_busy_cores_make_torch_threads_wait_passively(monkeypatch):
+    """On cores other work keeps busy the CLI asks OpenMP to sleep, not spin (run/busy_cores.py);
+    never over the user's own choice, never once torch is loaded, never on a quiet machine."""
+    from peftkit.run import busy_cores
+
+    assert busy_cores.busy_cores(load=1.6, busy_now=0.9, cores=2)
+    assert not busy_cores.busy_cores(load=1.6, busy_now=0.1, cores=2)  # a run that just ended
+    assert not busy_cores.busy_cores(load=1.0, busy_now=1.0, cores=2)  # a spike, not a minute
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(busy_cores.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.setattr(busy_cores, "_cpu_busy_share", lambda seconds: 1.0)
+    assert busy_cores.wait_passively_on_busy_cores() is None  # torch is loaded in this process
+    monkeypatch.delitem(sys.modules, "torch")
+    note = busy_cores.wait_passively_on_busy_cores()
+    assert note.startswith("note: the CPU is busy") and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert busy_cores.wait_passively_on_busy_cores() is None
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(busy_cores.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert busy_cores.wait_passively_on_busy_cores() is None and "OMP_WAIT_POLICY" not in os.environ

@@ -22,12 +22,15 @@ from peftkit.cli import bench, cp, doctor, generate, ls, merge, push, show, trai
 from peftkit.cli import eval as eval_  # the module `eval`, not the builtin
 from peftkit.cli.common import OneLineErrorParser
 from peftkit.errors import RunError, UserError
+from peftkit.run.busy_cores import wait_passively_on_busy_cores
 from peftkit.run.quiet import quiet_libraries
 from peftkit.training.launcher import report_status
 from peftkit.training.signals import Interrupted
 
 # `peftkit --help` lists the commands in this order (generate adds generate and chat).
 COMMANDS = (ls, show, cp, train, bench, eval_, generate, doctor, merge, push)
+# The commands that compute with torch on the CPU (run/busy_cores.py).
+COMPUTES = {"train", "bench", "eval", "generate", "chat", "merge"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +63,10 @@ def _main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     quiet_libraries()
+    if args.command in COMPUTES:
+        note = wait_passively_on_busy_cores()
+        if note:
+            print(note, file=sys.stderr)
     try:
         return args.func(args)
     except (UserError, RunError) as exc:  # one line, no traceback (see errors.py)

@@ -74,6 +74,19 @@ def step_timer():
     return StepTimer()
 
 
+def recorded(timer, collator, grad_accum: int) -> dict:
+    """What a baseline's step timer and recording collator saw: per optimizer step its time,
+    loss and real tokens; the tokens computed; the samples trained."""
+    return {
+        "step_seconds": timer.seconds,
+        "step_loss": timer.losses,
+        "step_tokens": [sum(collator.real[i:i + grad_accum])
+                        for i in range(0, len(collator.real), grad_accum)],
+        "computed_tokens": sum(collator.computed),
+        "samples": sorted(s for batch in collator.samples for s in batch),
+    }
+
+
 def load_peft(recipe: Recipe, base: str, precision, **load_kwargs):
     """from_pretrained (quantized as the recipe says) + the plain peft recipe."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -148,14 +161,8 @@ def run(recipe: Recipe, grouped: bool = False) -> dict:
     batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(features[:t.batch_size])
     batch = {k: v.to(model.device) for k, v in batch.items()}
     probe = identical_batch(model, lambda: model(**batch).loss)
-    per_step = t.grad_accum
     return {
-        "step_seconds": timer.seconds,
-        "step_loss": timer.losses,
-        "step_tokens": [sum(collator.real[i:i + per_step])
-                        for i in range(0, len(collator.real), per_step)],
-        "computed_tokens": sum(collator.computed),
-        "samples": sorted(s for batch in collator.samples for s in batch),
+        **recorded(timer, collator, t.grad_accum),
         **probe,
         "parameters": count_parameters(model),
         "memory": measured,

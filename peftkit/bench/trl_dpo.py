@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from peftkit.bench.hf import RecordingCollator, checkpointing_args, load_peft, step_timer
+from peftkit.bench.hf import (RecordingCollator, checkpointing_args, load_peft, recorded,
+                               step_timer)
 from peftkit.bench.same_work import fingerprint, identical_batch
 from peftkit.bench.trl_sft import MISSING, _attention, available
 from peftkit.model import memory
@@ -114,15 +115,9 @@ def run(recipe: Recipe) -> dict:
         return trainer.compute_loss(model, trainer._prepare_inputs(dict(first)))
 
     probe = identical_batch(model, loss)
-    per_step = t.grad_accum
     pairs = t.batch_size
     return {
-        "step_seconds": timer.seconds,
-        "step_loss": timer.losses,
-        "step_tokens": [sum(collator.real[i:i + per_step])
-                        for i in range(0, len(collator.real), per_step)],
-        "computed_tokens": sum(collator.computed),
-        "samples": sorted(s for batch in collator.samples for s in batch),
+        **recorded(timer, collator, t.grad_accum),
         **probe,
         "reference_seconds": seconds,
         "reference_logps": [x for i in range(pairs) for x in

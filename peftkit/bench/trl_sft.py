@@ -37,7 +37,8 @@ import tempfile
 
 import torch
 
-from peftkit.bench.hf import RecordingCollator, checkpointing_args, load_peft, step_timer
+from peftkit.bench.hf import (RecordingCollator, checkpointing_args, load_peft, recorded,
+                               step_timer)
 from peftkit.bench.same_work import fingerprint, identical_batch
 from peftkit.data import dataset
 from peftkit.data.example import IGNORE
@@ -170,14 +171,9 @@ def run(recipe: Recipe) -> dict:
     probe = identical_batch(model, loss)
     per_step = t.grad_accum
     return {
-        "step_seconds": timer.seconds,
-        "step_loss": timer.losses,
-        "step_tokens": [sum(collator.real[i:i + per_step])
-                        for i in range(0, len(collator.real), per_step)],
+        **recorded(timer, collator, per_step),
         "step_samples": [sum(len(s) for s in collator.samples[i:i + per_step])
                          for i in range(0, len(collator.samples), per_step)],
-        "computed_tokens": sum(collator.computed),
-        "samples": sorted(s for batch in collator.samples for s in batch),
         **probe,
         "parameters": count_parameters(model),
         "memory": measured,

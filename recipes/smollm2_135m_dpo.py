@@ -12,8 +12,8 @@ from peftkit.recipe import Data, Launch, Lora, Model, Recipe, Train
 # Measured (docs/preference.md): 8 steps, ~150 CPU-seconds; held-out preference accuracy 13%
 # (ties at step 0) -> 100%, and 27 of 30 held-out answers become a bare name, but only 3 the
 # right one (exact match 0% -> 10%): DPO alone teaches the format and loses facts. Lower lr was
-# worse; lr 1e-3 with beta 0.1 collapsed. train.objective=orpo on the same pairs keeps the facts
-# (43.3% exact match, docs/preference.md); model.adapter_init=runs/demo starts DPO from SFT.
+# worse; lr 1e-3 with beta 0.1 collapsed. smollm2_135m_orpo.py, ORPO on the same pairs, keeps
+# the facts (43.3% exact match); model.adapter_init=runs/demo starts DPO from SFT.
 RECIPE = Recipe(
     model=Model("HuggingFaceTB/SmolLM2-135M-Instruct", arch="llama"),
     adapter=Lora(r=16, alpha=32, dropout=0.0, targets="all-linear"),

@@ -54,6 +54,8 @@ class RunSetup:
     fresh: bool                 # a new run directory: not continuing this run's own checkpoint
     notes: list[str]            # shown when the steps start; later phases add theirs
     objective: NextTokenObjective  # what the run optimises (objectives.py)
+    base: str                   # where the base weights load from (resolved once: a GGUF
+                                # source is hashed to find its conversion)
 
 
 @dataclass
@@ -139,7 +141,7 @@ def setup_run(recipe: Recipe, resume: bool | str, overwrite: bool) -> RunSetup:
     # A tiny base is built (once, then cached) before the processes connect: once they have,
     # transformers writes weights on global rank 0 only, and every machine needs its own copy
     # unless they share a filesystem. Concurrent builders are safe (tiny.py renames into place).
-    base_path(recipe.model)
+    base = base_path(recipe.model)
     acc, precision = make_accelerator(recipe)
     path = rundir.run_dir(recipe)
     notes = list(precision.notes)
@@ -166,7 +168,7 @@ def setup_run(recipe: Recipe, resume: bool | str, overwrite: bool) -> RunSetup:
     objective = objective_for(recipe)  # after a resume adapted the recipe, if it did
     notes += objective.notes()
     return RunSetup(acc, recipe, precision, path, resume_from, saved, position, fresh, notes,
-                    objective)
+                    objective, base)
 
 
 def _find_checkpoint(acc, path: Path, resume: bool | str, overwrite: bool) -> tuple[Path, dict]:
@@ -198,7 +200,7 @@ def _find_checkpoint(acc, path: Path, resume: bool | str, overwrite: bool) -> tu
 def setup_data(recipe: Recipe, run: RunSetup) -> TrainData:
     """Tokenizer, train/eval examples and this process's batch stream."""
     t, acc = recipe.train, run.accelerator
-    base = base_path(recipe.model)  # built by setup_run
+    base = run.base
     tokenizer, tokenizer_changed = load_tokenizer(base, recipe.model)
     train_ex, eval_ex, prompts, stats = run.objective.build_data(tokenizer)
     try:

@@ -11,9 +11,9 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "peftkit"
 
 # Lower layers never import higher ones; a package may import its own layer's modules only
-# when it is the same package. `errors` is the floor every layer stands on.
+# when it is the same package. `errors` and `offline` are the floor every layer stands on.
 LAYERS = {
-    "errors": 0,
+    "errors": 0, "offline": 0,
     "adapters": 1,
     "recipe": 2,
     "model": 3, "data": 3,

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.offline import go_offline_if_unreachable
 
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ASSET_PREFIX = "peftkit:"
@@ -140,6 +141,7 @@ def _read_hub(source: str) -> list[Row]:
 
     name, _, split = source.partition(":")
     split = split or "train"
+    go_offline_if_unreachable()
     try:
         table = datasets.load_dataset(name, split=split)
     except Exception as err:

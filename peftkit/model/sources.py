@@ -16,6 +16,7 @@ from pathlib import Path
 
 from peftkit.recipe.schema import Model
 from peftkit.errors import UserError
+from peftkit.offline import go_offline_if_unreachable
 from peftkit.model import gguf
 from peftkit.model.tiny import build_tiny
 
@@ -59,6 +60,7 @@ def resolve(model: Model, copies: dict[str, OfflineCopy] = OFFLINE_COPIES) -> st
         return _converted(file, what=f"model.name={model.name!r}" if is_gguf_path(model.name)
                           else f"model.gguf_file={model.gguf_file!r}", via=str(file))
     copy = copies.get(model.name)
+    go_offline_if_unreachable()  # before the first Hub request: no retries when unreachable
     if copy is None or _on_hub_or_cached(model):
         return model.name
     file = packaged_file(model.name, copy)
@@ -84,6 +86,7 @@ def gguf_file(model: Model) -> Path | None:
                         f"{model.name}")
     from huggingface_hub import hf_hub_download
 
+    go_offline_if_unreachable()
     try:
         return Path(hf_hub_download(model.name, model.gguf_file, revision=model.revision))
     except OSError as exc:  # all of huggingface_hub's "not there / not reachable" errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+from peftkit.offline import go_offline_if_unreachable
 from peftkit.model.loading import attach_adapter, count_parameters
 from peftkit.model.shapes import known_config
 from peftkit.model.sources import gguf_config
@@ -26,6 +27,7 @@ def base_config(recipe: Recipe):
         return tiny_config(arch, m.tiny_size, len(tok), special), f"tiny form ({m.tiny_size})"
     if m.gguf_file or m.name.lower().endswith(".gguf"):
         return gguf_config(m), "the GGUF file's metadata"
+    go_offline_if_unreachable()
     try:
         return AutoConfig.from_pretrained(m.name, revision=m.revision,
                                           trust_remote_code=m.trust_remote_code), "config.json"

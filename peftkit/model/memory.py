@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peftkit.adapters.registry import adapter_method
+from peftkit.model import allocator
 from peftkit.model.loading import attach_adapter
 from peftkit.model.sharded import plain_construction
 from peftkit.recipe.schema import Recipe
@@ -341,6 +342,7 @@ class PeakMemory:
             self.baseline = torch.cuda.memory_allocated(device)
             self.method = "torch.cuda.max_memory_allocated above the allocation at start"
         else:
+            allocator.release_free_memory()  # earlier work's freed memory is not this run's
             self.faults = _page_faults()
             self.reset = _reset_peak_rss()
             current = _current_rss()

@@ -22,7 +22,7 @@ from peftkit.data import dataset, packing
 from peftkit.data.batching import BatchStream, Position
 from peftkit.data.example import Example, Prompt
 from peftkit.errors import UserError
-from peftkit.model import compiled, fused_lora, memory, quantize
+from peftkit.model import allocator, compiled, fused_lora, memory, quantize
 from peftkit.model.sharded import give_trainable_storage
 from peftkit.model.loading import (Precision, attach_adapter, base_path, count_parameters,
                                    load_model, load_tokenizer, prepare_for_training,
@@ -143,6 +143,8 @@ def setup_run(recipe: Recipe, resume: bool | str, overwrite: bool) -> RunSetup:
     # unless they share a filesystem. Concurrent builders are safe (tiny.py renames into place).
     base = base_path(recipe.model)
     acc, precision = make_accelerator(recipe)
+    if acc.device.type == "cpu" and not distributed.shards_weights(acc):
+        allocator.keep_freed_memory()  # no page faults on each step's fresh tensors
     path = rundir.run_dir(recipe)
     notes = list(precision.notes)
     if recipe.model.adapter_init:

@@ -92,7 +92,8 @@ def main() -> int:
                         "this and replace their rows in the existing results")
     parser.add_argument("--repeat", type=int, default=1, help="run the variants N times, "
                         "round-robin (so a drifting machine drifts for all of them); each row "
-                        "is then the run of median tokens/s, with the min-max spread")
+                        "is then the run of median tokens/s (the lower middle one for an even N), with the "
+                        "min-max spread")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -107,7 +107,7 @@ def main() -> int:
     from peftkit.bench.flops import matmul_peak
     from peftkit.model.loading import base_path
 
-    entry = next(e for e in suite.entries() if e.label == args.entry)
+    entry = suite.entry(args.entry)
     found = registry.resolve(entry.path)
     rows = []
     with tempfile.TemporaryDirectory(prefix="peftkit-ablation-") as tmp:

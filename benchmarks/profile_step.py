@@ -134,7 +134,7 @@ def main() -> int:
     from peftkit.recipe.overrides import apply_overrides
     from peftkit.training import loop
 
-    entry = next(e for e in suite.entries() if e.label == args.entry)
+    entry = suite.entry(args.entry)
     found = registry.resolve(entry.path)
     box = {"skip": args.skip, "last": args.steps,
            "profiler": torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
@@ -172,8 +172,8 @@ def report(box: dict, steps: int, top: int, trace: str, shapes_of: str) -> None:
         print(f"| {e.key[:70]} | {e.count / steps:.0f} | "
               f"{e.self_cpu_time_total / 1e6 / steps:.3f} | {kind_of(e.key)} |")
     # Leaf matmul kernels only (aten::linear / aten::matmul call these; their own time is ~0).
-    mms = [e for e in prof.key_averages(group_by_input_shape=True)
-           if e.key.removeprefix("aten::") in LEAF_MATMULS]
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    mms = [e for e in by_shape if e.key.removeprefix("aten::") in LEAF_MATMULS]
     groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for e in mms:
         dims = {d for sh in e.input_shapes if isinstance(sh, list) for d in sh}
@@ -193,7 +193,7 @@ def report(box: dict, steps: int, top: int, trace: str, shapes_of: str) -> None:
               f"{e.self_cpu_time_total / 1e6 / steps:.3f} | {rate:.0f} |")
     if shapes_of:
         print(f"\n| {shapes_of}, input shapes | calls/step | s/step |\n|---|--:|--:|")
-        calls = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == shapes_of]
+        calls = [e for e in by_shape if e.key == shapes_of]
         for e in sorted(calls, key=lambda e: -e.self_cpu_time_total)[:top]:
             print(f"| {e.input_shapes} | {e.count / steps:.0f} | "
                   f"{e.self_cpu_time_total / 1e6 / steps:.3f} |")

@@ -64,6 +64,16 @@ def entries() -> list[Entry]:
     ]
 
 
+def entry(label: str) -> Entry:
+    """The suite entry called `label`; exits with the known labels if there is none."""
+    found = [e for e in entries() if e.label == label]
+    if not found:
+        print(f"--entry {label!r}: not a suite entry; use one of: "
+              + ", ".join(repr(e.label) for e in entries()), file=sys.stderr)
+        raise SystemExit(2)
+    return found[0]
+
+
 def wait_for_quiet(max_load: float, max_wait: float) -> float:
     """Wait (up to `max_wait` s) for the 1-minute load average to fall to `max_load`: the
     machine may be shared. Returns the load when the wait ended."""

@@ -80,3 +80,11 @@ def test_show_of_a_hub_model_goes_offline_before_its_first_lookup(fresh, capsys)
     assert seen and all(seen), seen  # every config lookup ran offline
     assert "table of published shapes" in out
     assert err.count("note: the Hugging Face Hub") == 1
+
+
+def test_a_local_base_never_probes_the_hub(fresh, tmp_path):
+    from peftkit.model import sources
+    from peftkit.recipe.schema import Model
+
+    fresh.setattr(offline, "reachable", lambda *a, **k: pytest.fail("probed"))
+    assert sources.resolve(Model(str(tmp_path))) == str(tmp_path)

@@ -9,12 +9,12 @@ inside the matmuls and copies that first write them. Measured alone (2 cores): a
 fresh output and 181 into a reused one.
 
 `keep_freed_memory` tells glibc (mallopt) to serve every block from its heap (no mmap) and not
-to give the heap's free top back to the system. Freed blocks are
-reused, not added to: on the small benchmark, 1.06-1.17x useful tokens/s in 4 paired rounds,
-the same peak memory, 3-4x fewer page faults (not zero: torch's 64-byte-aligned requests do
-not always fit a freed block); on the real model no gain shows through the host's noise (peak
-+0.03-0.10 GB). Memory freed after the peak goes back when the process exits. Measured in docs/benchmarks.md
-("Where a CPU step goes") and benchmarks/ablation.py ("+ freed memory kept").
+to give the heap's free top back to the system. Freed blocks are reused, not added to: on the
+small benchmark, 1.06-1.17x useful tokens/s in 4 paired rounds, the same peak memory, 3-4x
+fewer page faults (not zero: torch's 64-byte-aligned requests do not always fit a freed
+block); on the real model no gain shows through the host's noise (peak +0.03-0.10 GB). Memory
+freed after the peak goes back when the process exits. Measured in docs/benchmarks.md ("Where
+a CPU step goes") and benchmarks/ablation.py ("+ freed memory kept").
 
 Measuring peak memory in a process that kept freed memory would see the earlier work's freed
 blocks as already resident: `release_free_memory` (malloc_trim) hands them back first, and
@@ -29,6 +29,7 @@ MALLOC_* variable (theirs wins). Elsewhere than glibc (macOS, musl) it does noth
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -53,6 +54,7 @@ def user_tuned() -> bool:
         k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
 
 
+@functools.cache
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None

@@ -60,7 +60,8 @@ def resolve(model: Model, copies: dict[str, OfflineCopy] = OFFLINE_COPIES) -> st
         return _converted(file, what=f"model.name={model.name!r}" if is_gguf_path(model.name)
                           else f"model.gguf_file={model.gguf_file!r}", via=str(file))
     copy = copies.get(model.name)
-    go_offline_if_unreachable()  # before the first Hub request: no retries when unreachable
+    if hub_id(model):  # before the first Hub request: no retries when unreachable
+        go_offline_if_unreachable()
     if copy is None or _on_hub_or_cached(model):
         return model.name
     file = packaged_file(model.name, copy)

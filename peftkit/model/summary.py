@@ -7,7 +7,7 @@ import functools
 from peftkit.offline import go_offline_if_unreachable
 from peftkit.model.loading import attach_adapter, count_parameters
 from peftkit.model.shapes import known_config
-from peftkit.model.sources import gguf_config
+from peftkit.model.sources import gguf_config, hub_id
 from peftkit.model.tiny import infer_arch, tiny_config, tokenizer_dir
 from peftkit.recipe.schema import Recipe
 
@@ -27,7 +27,8 @@ def base_config(recipe: Recipe):
         return tiny_config(arch, m.tiny_size, len(tok), special), f"tiny form ({m.tiny_size})"
     if m.gguf_file or m.name.lower().endswith(".gguf"):
         return gguf_config(m), "the GGUF file's metadata"
-    go_offline_if_unreachable()
+    if hub_id(m):  # a local directory needs no Hub
+        go_offline_if_unreachable()
     try:
         return AutoConfig.from_pretrained(m.name, revision=m.revision,
                                           trust_remote_code=m.trust_remote_code), "config.json"
